@@ -1,0 +1,123 @@
+"""The ``nnunet-topomae`` command: env, doctor (and demo, bench where installed)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shlex
+import sys
+from importlib import metadata
+from typing import List, Optional
+
+EXT_TRAINER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ext_trainers")
+
+# (package, minimum, exclusive maximum) as tested; see setup.py
+TESTED_VERSIONS = [("nnunetv2", "2.8.1", "2.9"), ("torch", "2.3", "2.15"), ("gudhi", "3.11", "3.14")]
+
+
+def ext_trainer_value(current: Optional[str]) -> str:
+    """Our folder first, then every folder already in the variable (without duplicates)."""
+    parts = [EXT_TRAINER_DIR]
+    for p in (current or "").split(os.pathsep):
+        if p.strip() and os.path.abspath(p) != EXT_TRAINER_DIR and p not in parts:
+            parts.append(p)
+    return os.pathsep.join(parts)
+
+
+def cmd_env(args) -> int:
+    print(f"export nnUNet_extTrainer={shlex.quote(ext_trainer_value(os.environ.get('nnUNet_extTrainer')))}")
+    return 0
+
+
+def _version_tuple(v: str):
+    out = []
+    for part in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def doctor_problems() -> List[str]:
+    """Every problem found, each as 'what is wrong -> how to fix it'."""
+    problems = []
+    for pkg, lo, hi in TESTED_VERSIONS:
+        try:
+            v = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            problems.append(f"{pkg} is not installed -> pip install 'nnunet-topomae' (brings {pkg}>={lo},<{hi})")
+            continue
+        if not (_version_tuple(lo) <= _version_tuple(v) < _version_tuple(hi)):
+            problems.append(f"{pkg} {v} is outside the tested range >={lo},<{hi} -> pip install '{pkg}>={lo},<{hi}'")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        val = os.environ.get(var)
+        if not val:
+            problems.append(f"{var} is not set -> export {var}=/path/to/{var} (see nnU-Net's setting_up_paths.md)")
+        elif not os.path.isdir(val):
+            problems.append(f"{var}={val} does not exist -> mkdir -p {shlex.quote(val)}")
+        elif not os.access(val, os.W_OK):
+            problems.append(f"{var}={val} is not writable -> fix its permissions or point {var} elsewhere")
+    ext = os.environ.get("nnUNet_extTrainer", "")
+    if EXT_TRAINER_DIR not in [os.path.abspath(p) for p in ext.split(os.pathsep) if p]:
+        problems.append('nnUNet_extTrainer does not contain this package\'s trainer folder -> eval "$(nnunet-topomae env)"')
+    else:
+        problems.extend(_lookup_problems())
+    return problems
+
+
+def _lookup_problems() -> List[str]:
+    from nnunet_topomae.trainers import PUBLIC_TRAINERS
+    problems = []
+    try:
+        # nnunetv2.paths reads the variable at import time; a fresh interpreter sees the current value
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    except Exception as e:  # pragma: no cover - broken nnU-Net install
+        return [f"nnU-Net cannot be imported ({e}) -> pip install --force-reinstall 'nnunetv2>=2.8.1,<2.9'"]
+    for name in PUBLIC_TRAINERS:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                cls = recursive_find_trainer_class_by_name(name)
+            if cls.__module__.split(".")[0] != "nnunet_topomae":
+                problems.append(f"nnU-Net resolves {name} to {cls.__module__}, not this package -> "
+                                f"remove the other definition from nnUNet_extTrainer")
+        except Exception as e:
+            problems.append(f"nnU-Net's trainer lookup cannot find {name} ({str(e).splitlines()[0][:120]}) -> "
+                            f'eval "$(nnunet-topomae env)" in this shell')
+    return problems
+
+
+def cmd_doctor(args) -> int:
+    problems = doctor_problems()
+    for pkg, _, _ in TESTED_VERSIONS:
+        try:
+            print(f"{pkg:10s} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            print(f"{pkg:10s} missing")
+    if problems:
+        print(f"\n{len(problems)} problem(s):")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print("\nAll checks passed: nnU-Net finds every nnunet-topomae trainer.")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="nnunet-topomae",
+                                     description="Masked-autoencoder self-pretraining for nnU-Net v2")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help='print the nnUNet_extTrainer export line: eval "$(nnunet-topomae env)"')
+    sub.add_parser("doctor", help="check versions, nnUNet_* folders and that nnU-Net finds every trainer")
+    for register in _optional_commands():
+        register(sub)
+    args = parser.parse_args(argv)
+    handlers = {"env": cmd_env, "doctor": cmd_doctor}
+    return handlers.get(args.command, getattr(args, "handler", None))(args)
+
+
+def _optional_commands():
+    return []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Spatial pretext task of Gu et al. 2024: regress where the crop sits in its case.
+
+For a crop with voxel box [lb, ub) cut from a preprocessed case of shape S, the targets are nine
+points, the crop centre (lb + ub) / 2 and its eight corners lb + c * (ub - lb), c in {0, 1}^3
+(C order of c), each normalised per axis to the case extent,
+
+    p_hat = 2 * p / S - 1      (so the case spans [-1, 1]; crops overhanging a small case go beyond)
+
+flattened to 27 numbers. The loss is the mean squared error of the 27 numbers.
+
+*Paper*: centre + octant (corner) point regression from the pooled encoding. *Interpretation*:
+continuous voxel-edge coordinates, the [-1, 1] normalisation and MSE.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+NUM_SPATIAL_TARGETS = 27
+
+_CORNERS = np.array(list(itertools.product((0, 1), repeat=3)), dtype=np.float64)  # (8, 3)
+
+
+def octant_targets(bbox_lb: Sequence[int], patch_size: Sequence[int], case_shape: Sequence[int]) -> np.ndarray:
+    """(27,) float32: centre then 8 corners of the crop [lb, lb + patch) in a case of ``case_shape``."""
+    lb = np.asarray(bbox_lb, dtype=np.float64)
+    ps = np.asarray(patch_size, dtype=np.float64)
+    shape = np.asarray(case_shape, dtype=np.float64)
+    points = np.concatenate([(lb + ps / 2)[None], lb[None] + _CORNERS * ps[None]], 0)  # (9, 3)
+    return (2 * points / shape[None] - 1).reshape(-1).astype(np.float32)
+
+
+class SpatialHead(nn.Module):
+    """Pooled features (B, D) or feature map (B, D, x, y, z) -> 27 coordinates."""
+
+    def __init__(self, in_features: int, hidden: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, NUM_SPATIAL_TARGETS))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if feats.ndim > 2:
+            feats = feats.flatten(2).mean(-1)
+        return self.mlp(feats)
+
+
+def spatial_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.mean((pred - target) ** 2)

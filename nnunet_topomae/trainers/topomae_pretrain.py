@@ -1,0 +1,95 @@
+"""nnUNetTrainerTopoMAEPretrain: method A's pretraining stage (Gu et al. 2024).
+
+A 3D ViT-MAE and nnU-Net's own CNN (built from the plans) are co-pretrained on the same masked
+patches of the dataset's preprocessed images (labels unused): masked reconstruction, the
+topological loss, the spatial pretext task and the two consistency terms (see
+``nnunet_topomae.losses.topomae_loss``). Variants are class-attribute overrides in
+``nnunet_topomae.trainers.variants``.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import torch
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+from nnunet_topomae.architectures.topomae_net import TopoMAENetwork
+from nnunet_topomae.architectures.vit3d import VIT_PRESETS, ViTConfig, token_size_from_plan
+from nnunet_topomae.losses.topological import TopologicalLoss
+from nnunet_topomae.losses.topomae_loss import TopoMAELoss
+from nnunet_topomae.trainers.pretrain_base import nnUNetPretrainTrainerBase
+
+
+def build_plan_cnn(configuration_manager, num_input_channels: int, num_output_channels: int,
+                   deep_supervision: bool):
+    """nnU-Net's auto-configured CNN exactly as the stock trainer builds it."""
+    return get_network_from_plans(
+        configuration_manager.network_arch_class_name,
+        configuration_manager.network_arch_init_kwargs,
+        configuration_manager.network_arch_init_kwargs_req_import,
+        num_input_channels, num_output_channels, allow_init=True, deep_supervision=deep_supervision)
+
+
+def vit_config_from_plan(configuration_manager, num_input_channels: int, preset: str = "small",
+                         max_token: int = 16) -> ViTConfig:
+    patch = tuple(int(i) for i in configuration_manager.patch_size)
+    strides = configuration_manager.network_arch_init_kwargs["strides"]
+    token, _ = token_size_from_plan(patch, strides, max_token)
+    return ViTConfig(in_channels=num_input_channels, patch_size=patch, token_size=token, **VIT_PRESETS[preset])
+
+
+class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
+    vit_preset: str = "small"
+    max_token: int = 16
+    mask_ratio: float = 0.75
+    use_cnn: bool = True
+    spatial_heads: bool = True
+    # loss weights (interpretation; the paper does not give them)
+    w_rec: float = 1.0
+    w_topo: float = 0.1
+    w_spatial: float = 0.1
+    w_rec_consistency: float = 0.1
+    w_spatial_consistency: float = 0.1
+    # topological loss: reduced copy of at most this many voxels per axis; most persistent pairs
+    topo_max_size: int = 32
+    topo_max_pairs: int = 64
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True):
+        # num_output_channels (the label count) is irrelevant: both branches reconstruct the input
+        cfg = vit_config_from_plan(configuration_manager, num_input_channels, cls.vit_preset, cls.max_token)
+        cnn = build_plan_cnn(configuration_manager, num_input_channels, num_input_channels,
+                             enable_deep_supervision) if cls.use_cnn else None
+        return TopoMAENetwork(cfg, cnn, mask_ratio=cls.mask_ratio, spatial_heads=cls.spatial_heads)
+
+    def _build_loss(self):
+        topo = TopologicalLoss(max_size=self.topo_max_size, max_pairs=self.topo_max_pairs) if self.w_topo > 0 else None
+        return TopoMAELoss(self.w_rec, self.w_topo, self.w_spatial if self.spatial_heads else 0.0,
+                           self.w_rec_consistency if self.use_cnn else 0.0,
+                           self.w_spatial_consistency if (self.use_cnn and self.spatial_heads) else 0.0,
+                           topo_loss=topo)
+
+    def compute_terms(self, batch: dict) -> Dict[str, torch.Tensor]:
+        x = batch["data"].to(self.device, non_blocking=True)
+        spatial = batch["spatial"].to(self.device, non_blocking=True)
+        out = self.network(x)
+        return self.loss(out, x, spatial)
+
+    def preview_columns(self, batch: dict) -> Dict[str, np.ndarray]:
+        x = batch["data"][:1].to(self.device)
+        out = self._unwrapped_network()(x)
+        m = out["voxel_mask"]
+        cols = {"input": x, "masked input": x * (1 - m), "ViT reconstruction": out["vit_recon"]}
+        if "cnn_recon" in out:
+            cnn = out["cnn_recon"]
+            cols["CNN reconstruction"] = cnn[0] if isinstance(cnn, (list, tuple)) else cnn
+        return {k: v[0, 0].float().cpu().numpy() for k, v in cols.items()}
+
+    def pretraining_record(self) -> dict:
+        rec = super().pretraining_record()
+        net = self._unwrapped_network()
+        rec.update(method="topomae", vit_config=net.vit_cfg.to_dict(), token_size=list(net.vit_cfg.token_size),
+                   mask_ratio=self.mask_ratio, has_cnn=self.use_cnn)
+        return rec

@@ -1,0 +1,24 @@
+"""Baselines, ablations and presets: one change per subclass, as in nnU-Net's ``variants/``."""
+from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrain
+
+
+class nnUNetTrainerTopoMAEPretrain_noTopo(nnUNetTrainerTopoMAEPretrain):
+    """Ablation: without the topological loss."""
+    w_topo = 0.0
+
+
+class nnUNetTrainerTopoMAEPretrain_noSpatial(nnUNetTrainerTopoMAEPretrain):
+    """Ablation: without the spatial pretext task (and its consistency term)."""
+    spatial_heads = False
+
+
+class nnUNetTrainerMAEPretrain(nnUNetTrainerTopoMAEPretrain):
+    """Baseline: the plain 3D ViT-MAE of Zhou et al. 2023; masked reconstruction only, no CNN branch."""
+    use_cnn = False
+    spatial_heads = False
+    w_topo = 0.0
+
+
+class nnUNetTrainerTopoMAEPretrain_ViTB(nnUNetTrainerTopoMAEPretrain):
+    """ViT-B encoder (768-d, 12 blocks) with a 384-d decoder, as in Zhou et al. 2023; GPU-sized."""
+    vit_preset = "base"

@@ -1,0 +1,56 @@
+"""Pictures written next to nnU-Net's progress.png during pretraining."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_loss_terms(history: Dict[str, Dict[str, List[float]]], path: str) -> None:
+    """One panel per loss term, train (solid) and validation (dashed) per epoch."""
+    names = sorted(set(history.get("train", {})) | set(history.get("val", {})))
+    if not names:
+        return
+    cols = min(3, len(names))
+    rows = int(np.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
+    for ax, name in zip(axes.ravel(), names):
+        for split, style in (("train", "-"), ("val", "--")):
+            values = history.get(split, {}).get(name)
+            if values:
+                ax.plot(range(len(values)), values, style, label=split)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        if name != "loss" and all(v > 0 for v in history.get("train", {}).get(name, [1])):
+            ax.set_yscale("log")
+        ax.legend()
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_volume_preview(columns: Dict[str, np.ndarray], path: str, title: str = "") -> None:
+    """columns: name -> 3D volume (X, Y, Z). Rows are the three mid slices (one per axis)."""
+    names = list(columns)
+    fig, axes = plt.subplots(3, len(names), figsize=(2.6 * len(names), 7.5), squeeze=False)
+    ref = columns[names[0]]
+    vmin, vmax = np.percentile(ref, 1), np.percentile(ref, 99)
+    for c, name in enumerate(names):
+        vol = columns[name]
+        for axis in range(3):
+            sl = np.take(vol, vol.shape[axis] // 2, axis=axis)
+            axes[axis, c].imshow(sl, cmap="gray", vmin=vmin, vmax=vmax)
+            axes[axis, c].set_xticks([])
+            axes[axis, c].set_yticks([])
+        axes[0, c].set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
