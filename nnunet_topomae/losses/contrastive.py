@@ -1,0 +1,74 @@
+"""NT-Xent contrastive loss (SimCLR; used by HybridMIM, Xing et al., arXiv 2303.10333).
+
+Formula
+-------
+For ``z1, z2`` of shape ``(N, D)`` (two views of the same N samples), let ``u = normalize(cat(z1,
+z2))`` (2N rows) and ``s_ij = u_i . u_j / T`` (cosine similarity over temperature). The positive
+of row ``i`` is ``p(i) = (i + N) mod 2N``; all other ``2N - 2`` rows are negatives::
+
+    L = 1/(2N) * sum_i -log( exp(s_{i,p(i)}) / sum_{k != i} exp(s_ik) )
+
+This is exactly the released ``forward_constrast_loss`` (``Pretrain/losses/loss.py``, temperature
+0.5), implemented here as a cross-entropy with the diagonal masked out (numerically stable).
+
+DDP
+---
+With ``gather=True`` the embeddings of all ranks are gathered (:func:`gather_with_grad`) so the
+negatives are the whole global batch. ``gather_with_grad`` uses a plain ``all_gather`` and puts
+the local tensor (with its autograd history) back into its slot, so each rank back-propagates
+the complete ``dL/dz_local`` of the *global* loss (every rank computes the same global loss).
+DDP then averages gradients over ``W`` ranks, which would give ``1/W`` of the gradient of the
+global loss; ``nt_xent(gather=True)`` therefore returns ``W * L - (W - 1) * L.detach()`` whose
+value is ``L`` and whose gradient is ``W * dL``, so that after DDP's averaging the parameter
+gradient equals the single-process gradient of the global-batch loss. Both are no-ops when
+``torch.distributed`` is not initialised (or world size 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["nt_xent", "gather_with_grad"]
+
+
+def _dist_world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``z`` from all ranks along dim 0 (rank order), keeping the local gradient.
+
+    Other ranks' slices are constants (``all_gather`` has no autograd); the local slice is the
+    input tensor itself. Requires equal ``z.shape`` on every rank. No-op without DDP.
+    """
+    world = _dist_world_size()
+    if world == 1:
+        return z
+    gathered = [torch.empty_like(z) for _ in range(world)]
+    dist.all_gather(gathered, z.detach().contiguous())
+    gathered[dist.get_rank()] = z
+    return torch.cat(gathered, dim=0)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = False) -> torch.Tensor:
+    """SimCLR NT-Xent over ``2N`` samples (``2 * N * world_size`` with ``gather=True``)."""
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    world = _dist_world_size() if gather else 1
+    if world > 1:
+        z1 = gather_with_grad(z1)
+        z2 = gather_with_grad(z2)
+    n = z1.shape[0]
+    u = F.normalize(torch.cat([z1, z2], dim=0).float(), dim=1)
+    logits = u @ u.t() / temperature
+    eye = torch.eye(2 * n, dtype=torch.bool, device=u.device)
+    logits = logits.masked_fill(eye, float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(u.device)
+    loss = F.cross_entropy(logits, targets)
+    if world > 1:
+        loss = world * loss - (world - 1) * loss.detach()
+    return loss
