@@ -1,4 +1,5 @@
 """Public trainers. ``PUBLIC_TRAINERS`` is what ``nnunet-topomae doctor`` checks nnU-Net can find."""
+from nnunet_topomae.trainers.topomae_finetune import nnUNetTrainerTopoMAEFinetune
 from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrain
 from nnunet_topomae.trainers.variants import (
     nnUNetTrainerMAEPretrain,
@@ -13,5 +14,6 @@ __all__ = [
     "nnUNetTrainerTopoMAEPretrain_noSpatial",
     "nnUNetTrainerTopoMAEPretrain_ViTB",
     "nnUNetTrainerMAEPretrain",
+    "nnUNetTrainerTopoMAEFinetune",
 ]
 PUBLIC_TRAINERS = list(__all__)

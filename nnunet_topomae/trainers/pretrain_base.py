@@ -32,18 +32,17 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch import distributed as dist
-from torch._dynamo import OptimizedModule
 
 from nnunet_topomae.data.pretrain_loader import PretrainDataLoader, intensity_transforms
 from nnunet_topomae.errors import UserInputError
-from nnunet_topomae.utils.checkpoint import atomic_torch_save, state_dict_to_cpu
+from nnunet_topomae.trainers.common import TopoMAETrainerMixin
 from nnunet_topomae.utils.lr_schedule import WarmupCosineLR
 from nnunet_topomae.utils.plotting import plot_loss_terms, save_volume_preview
 
 CHECKPOINT_FORMAT = 1
 
 
-class nnUNetPretrainTrainerBase(nnUNetTrainer):
+class nnUNetPretrainTrainerBase(TopoMAETrainerMixin, nnUNetTrainer):
     # Hyper-parameters are class attributes so that a variant is a few-line subclass.
     initial_lr_pretrain: float = 3e-4
     weight_decay_pretrain: float = 0.05
@@ -74,10 +73,6 @@ class nnUNetPretrainTrainerBase(nnUNetTrainer):
         self._preview_batch = None
 
     # ------------------------------------------------------------------ network / optimiser
-    def _unwrapped_network(self):
-        mod = self.network.module if self.is_ddp else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
-
     def set_deep_supervision_enabled(self, enabled: bool):
         cnn = getattr(self._unwrapped_network(), "cnn", None)
         decoder = getattr(self._unwrapped_network(), "decoder", None) if cnn is None else cnn.decoder
@@ -246,27 +241,9 @@ class nnUNetPretrainTrainerBase(nnUNetTrainer):
             "network_arch_class_name": self.configuration_manager.network_arch_class_name,
         }
 
-    def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
-            return
-        checkpoint = {
-            "network_weights": state_dict_to_cpu(self._unwrapped_network().state_dict()),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_ema,
-            "current_epoch": self.current_epoch + 1,
-            "init_args": self.my_init_kwargs,
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-            "term_history": self.term_history,
-            "_val_ema": self._val_ema,
-            "pretraining": self.pretraining_record(),
-        }
-        atomic_torch_save(checkpoint, filename)
+    def extra_checkpoint_fields(self) -> dict:
+        return {"term_history": self.term_history, "_val_ema": self._val_ema,
+                "pretraining": self.pretraining_record()}
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if isinstance(filename_or_checkpoint, str):

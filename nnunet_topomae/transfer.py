@@ -1,0 +1,115 @@
+"""Weight transfer from a pretraining checkpoint into the finetuning network.
+
+nnU-Net's ``-pretrained_weights`` calls ``nnunetv2.run.run_training.load_pretrained_weights``, which
+requires every non-``.seg_layers.`` key of the target network in the checkpoint. The hybrid network
+has new layers (fusion), and a plain-MAE checkpoint has no CNN, so that strict rule cannot hold.
+``install_pretrained_weights_hook`` therefore wraps nnU-Net's function once: a network that carries
+a ``pretrained_loader`` callable (set by our finetuning trainer) is loaded by it; every other network
+goes to nnU-Net's own function unchanged (so the stock ``nnUNetTrainer`` still loads HybridMIM
+weights the stock way).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+
+from nnunet_topomae.errors import UserInputError
+
+# (prefix in the finetuning network, human name); prefixes are shared with TopoMAENetwork
+PRETRAINED_PARTS = [("vit_encoder.", "ViT encoder"), ("cnn.encoder.", "CNN encoder"), ("cnn.decoder.", "CNN decoder")]
+
+
+def read_pretraining_checkpoint(fname: str) -> dict:
+    """Load on the CPU whatever device wrote it; one clear line if it is not a pretraining checkpoint."""
+    try:
+        ckpt = torch.load(fname, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise UserInputError(f"pretrained weights file {fname} does not exist")
+    except Exception as e:
+        raise UserInputError(f"cannot read {fname} as a PyTorch checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:100]}); is the file complete?")
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise UserInputError(f"{fname} is not an nnU-Net checkpoint (no 'network_weights')")
+    if "pretraining" not in ckpt:
+        raise UserInputError(f"{fname} is not an nnunet-topomae pretraining checkpoint (written by "
+                             f"{ckpt.get('trainer_name', 'an unknown trainer')}); pass checkpoint_final.pth of "
+                             f"nnUNetTrainerTopoMAEPretrain or one of its variants")
+    return ckpt
+
+
+def check_compatibility(record: dict, expected: dict, fname: str) -> None:
+    """``expected`` holds what the finetuning run uses: dataset_name, plans_name, configuration,
+    patch_size, num_input_channels, vit_config (dict)."""
+    if "vit_config" not in record:
+        raise UserInputError(f"{fname} was written by {record.get('trainer')}, which has no ViT; the hybrid "
+                             f"finetuning needs a TopoMAE or MAE pretraining checkpoint "
+                             f"(HybridMIM weights go to the stock nnUNetTrainer)")
+    mismatches = []
+    for key in ("dataset_name", "plans_name", "configuration", "num_input_channels"):
+        if record.get(key) != expected[key]:
+            mismatches.append(f"{key} {record.get(key)!r} (checkpoint) vs {expected[key]!r} (this run)")
+    if list(record.get("patch_size", [])) != list(expected["patch_size"]):
+        mismatches.append(f"patch_size {record.get('patch_size')} vs {list(expected['patch_size'])}")
+    if not mismatches and record["vit_config"] != expected["vit_config"]:
+        diff = {k: (record["vit_config"].get(k), v) for k, v in expected["vit_config"].items()
+                if record["vit_config"].get(k) != v}
+        mismatches.append(f"ViT configuration {diff} (checkpoint, this run): use the finetuning variant "
+                          f"with the same ViT preset as the pretraining")
+    if mismatches:
+        raise UserInputError(f"{fname} does not fit this run: " + "; ".join(mismatches))
+
+
+def select_transfer(model_state: Dict[str, torch.Tensor], pretrained: Dict[str, torch.Tensor]
+                    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[str]], List[str]]:
+    """Returns (tensors to load, loaded key names per part, keys that start fresh).
+
+    A key is taken when it belongs to a pretrained part, is not a segmentation/reconstruction head
+    (``.seg_layers.``) and has the same shape; ViT-encoder keys must all be present (a checkpoint
+    missing them is broken), CNN keys may be absent as a whole (plain-MAE pretraining has no CNN)."""
+    load, per_part, fresh = {}, {name: [] for _, name in PRETRAINED_PARTS}, []
+    for key, value in model_state.items():
+        part = next((name for prefix, name in PRETRAINED_PARTS if key.startswith(prefix)), None)
+        if part is None or ".seg_layers." in key:
+            fresh.append(key)
+            continue
+        src = pretrained.get(key)
+        if src is None:
+            if part == "ViT encoder":
+                raise UserInputError(f"the checkpoint lacks the ViT encoder tensor {key}; it was not written by a "
+                                     f"compatible nnunet-topomae pretraining")
+            fresh.append(key)
+            continue
+        if tuple(src.shape) != tuple(value.shape):
+            raise UserInputError(f"tensor {key} has shape {tuple(src.shape)} in the checkpoint but "
+                                 f"{tuple(value.shape)} in this network: the checkpoint comes from other plans")
+        load[key] = src
+        per_part[part].append(key)
+    cnn_keys = [k for k in model_state if k.startswith("cnn.") and ".seg_layers." not in k]
+    got_cnn = [k for k in cnn_keys if k in load]
+    if got_cnn and len(got_cnn) != len(cnn_keys):
+        missing = sorted(set(cnn_keys) - set(got_cnn))
+        raise UserInputError(f"the checkpoint holds only part of the CNN ({len(missing)} tensors missing, e.g. "
+                             f"{missing[0]}): it comes from another network architecture")
+    return load, per_part, fresh
+
+
+_original_loader = None
+
+
+def install_pretrained_weights_hook() -> None:
+    global _original_loader
+    import nnunetv2.run.run_training as run_training
+    if _original_loader is not None:
+        return
+    _original_loader = run_training.load_pretrained_weights
+
+    def load_pretrained_weights(network, fname, verbose=False):
+        mod = network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
+        mod = getattr(mod, "_orig_mod", mod)
+        loader = getattr(mod, "pretrained_loader", None)
+        if callable(loader):
+            return loader(fname)
+        return _original_loader(network, fname, verbose)
+
+    run_training.load_pretrained_weights = load_pretrained_weights
