@@ -116,7 +116,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _optional_commands():
-    return []
+    from nnunet_topomae import demo
+    return [demo.add_parser]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,16 @@
 """Public trainers. ``PUBLIC_TRAINERS`` is what ``nnunet-topomae doctor`` checks nnU-Net can find."""
+from nnunet_topomae.trainers.demo_variants import (
+    nnUNetTrainerTopoMAEFinetune_demo,
+    nnUNetTrainerTopoMAEFinetune_demoLong,
+    nnUNetTrainerTopoMAEPretrain_demo,
+    nnUNetTrainerTopoMAEPretrain_demoLong,
+)
+from nnunet_topomae.trainers.hybridmim_pretrain import nnUNetTrainerHybridMIMPretrain
+from nnunet_topomae.trainers.hybridmim_variants import (
+    nnUNetTrainerHybridMIMPretrain_noContrast,
+    nnUNetTrainerHybridMIMPretrain_noPartial,
+    nnUNetTrainerHybridMIMPretrain_noPerception,
+)
 from nnunet_topomae.trainers.topomae_finetune import nnUNetTrainerTopoMAEFinetune
 from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrain
 from nnunet_topomae.trainers.variants import (
@@ -15,5 +27,13 @@ __all__ = [
     "nnUNetTrainerTopoMAEPretrain_ViTB",
     "nnUNetTrainerMAEPretrain",
     "nnUNetTrainerTopoMAEFinetune",
+    "nnUNetTrainerTopoMAEPretrain_demo",
+    "nnUNetTrainerTopoMAEFinetune_demo",
+    "nnUNetTrainerTopoMAEPretrain_demoLong",
+    "nnUNetTrainerTopoMAEFinetune_demoLong",
+    "nnUNetTrainerHybridMIMPretrain",
+    "nnUNetTrainerHybridMIMPretrain_noPartial",
+    "nnUNetTrainerHybridMIMPretrain_noContrast",
+    "nnUNetTrainerHybridMIMPretrain_noPerception",
 ]
 PUBLIC_TRAINERS = list(__all__)
