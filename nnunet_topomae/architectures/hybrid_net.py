@@ -6,7 +6,8 @@ the pre-trained ViT encoder with the pre-trained SOTA model").
 nnU-Net's CNN (from the plans, encoder and decoder unchanged) does the segmentation. The unmasked ViT
 encoder runs beside it; the token sequences of evenly spaced blocks (UNETR-style: deeper blocks for
 deeper stages) are reshaped to their 3D token grid, resampled trilinearly to each CNN stage's grid and
-added to that stage's skip through a 1x1x1 convolution Z_k. The token grid equals the grid of one CNN
+added to that stage's skip through a 1x1x1 convolution Z_k (applied before resampling, which is
+equivalent and cheaper). The token grid equals the grid of one CNN
 stage by construction (token size = that stage's cumulative stride), where no resampling is needed.
 
 *Interpretation* (the paper does not publish its fusion): additive fusion into every skip, and
@@ -57,9 +58,12 @@ class HybridViTUNet(nn.Module):
         for k, skip in enumerate(skips):
             t = tokens[self.block_for_stage[k]]
             grid = t.transpose(1, 2).reshape(b, t.shape[-1], *self.vit_cfg.grid)
-            if tuple(grid.shape[2:]) != tuple(skip.shape[2:]):
-                grid = F.interpolate(grid, size=skip.shape[2:], mode="trilinear", align_corners=False)
-            fused.append(skip + self.fusion[k](grid))
+            # project at token resolution, then resample: both are linear, so this equals resampling
+            # first, at a fraction of the cost for high-resolution stages with few channels
+            z = self.fusion[k](grid)
+            if tuple(z.shape[2:]) != tuple(skip.shape[2:]):
+                z = F.interpolate(z, size=skip.shape[2:], mode="trilinear", align_corners=False)
+            fused.append(skip + z)
         return self.cnn.decoder(fused)
 
     def parameter_groups(self):

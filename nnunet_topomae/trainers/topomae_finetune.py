@@ -110,7 +110,9 @@ class nnUNetTrainerTopoMAEFinetune(TopoMAETrainerMixin, nnUNetTrainer):
         return {"pretrained_from": self.pretrained_from}
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        if isinstance(filename_or_checkpoint, str):
-            filename_or_checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        self.pretrained_from = filename_or_checkpoint.get("pretrained_from")
+        ckpt = filename_or_checkpoint
+        if isinstance(ckpt, str):
+            ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
+        self.pretrained_from = ckpt.get("pretrained_from")
+        # nnU-Net 2.8.1's load_checkpoint only handles a path (a dict leaves `checkpoint` unbound)
         super().load_checkpoint(filename_or_checkpoint)

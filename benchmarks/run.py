@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Does self-pretraining beat nnU-Net from scratch? One entry point for every arm and tier.
+
+    python benchmarks/run.py --raw ../shared/data/Task04_Hippocampus --tier quick --out /tmp/bench
+
+Converts an MSD task folder (or takes an nnU-Net raw dataset folder), plans and preprocesses with
+nnU-Net, then runs each arm through the real ``nnUNetv2_train`` commands, on fold 0's validation
+cases, with the same finetuning step budget for every arm. Labelled subsets (5, 20, all of fold 0's
+training cases) are fixed, nested and written to ``labelled_subsets.json``; they are extra folds in
+nnU-Net's ``splits_final.json`` (same validation cases), which is nnU-Net's own mechanism for custom
+splits. Repeated seeds are repeated runs under other fold numbers. Evaluation is nnU-Net's own final
+validation (``fold_X/validation/summary.json``).
+
+Resumable: a run whose ``summary.json`` exists is not rerun; trained models stay in the results
+folder. Writes ``results.json``, ``results.md`` and ``results.png`` into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+
+from nnunet_topomae.workflow import epoch_echo, make_plans_variant, nnunet_command, nnunet_env, run
+
+ARMS = {  # arm -> (pretraining trainer or None, finetuning trainer)
+    "scratch_nnunet": (None, "nnUNetTrainer"),
+    "scratch_hybrid": (None, "nnUNetTrainerTopoMAEFinetune"),
+    "mae": ("nnUNetTrainerMAEPretrain", "nnUNetTrainerTopoMAEFinetune"),
+    "topomae": ("nnUNetTrainerTopoMAEPretrain", "nnUNetTrainerTopoMAEFinetune"),
+    "topomae_notopo": ("nnUNetTrainerTopoMAEPretrain_noTopo", "nnUNetTrainerTopoMAEFinetune"),
+    "hybridmim": ("nnUNetTrainerHybridMIMPretrain", "nnUNetTrainer"),
+}
+
+# tier -> schedule and which (arm, labelled, seeds) runs
+TIERS = {
+    "quick": dict(pretrain_steps=1000, finetune_steps=1000, iters=50, plans="cpu",
+                  runs=[("scratch_nnunet", 5, 1), ("topomae", 5, 1)]),
+    "cpu": dict(pretrain_steps=1000, finetune_steps=1500, iters=50, plans="cpu",
+                runs=[("scratch_nnunet", 5, 3), ("topomae", 5, 3), ("scratch_hybrid", 5, 1), ("mae", 5, 1),
+                      ("topomae_notopo", 5, 1), ("hybridmim", 5, 1), ("scratch_nnunet", 20, 1),
+                      ("topomae", 20, 1), ("scratch_nnunet", "all", 1), ("topomae", "all", 1)]),
+    "full": dict(pretrain_steps=250 * 1000, finetune_steps=250 * 1000, iters=250, plans="default",
+                 runs=[(a, n, 3 if a in ("scratch_nnunet", "topomae") and n == 5 else 1)
+                       for a in ARMS for n in (5,)] + [(a, n, 1) for a in ("scratch_nnunet", "topomae")
+                                                       for n in (20, "all")]),
+}
+CPU_PLANS = dict(batch_size=2, features=[16, 32, 64, 128])
+DATASET_ID = 950
+
+
+def write_trainer_shims(folder: str, tier: dict) -> Dict[str, str]:
+    """Budgeted subclasses of every trainer, as a module nnU-Net imports (an nnUNet_extTrainer folder)."""
+    os.makedirs(folder, exist_ok=True)
+    pe, fe, it = tier["pretrain_steps"] // tier["iters"], tier["finetune_steps"] // tier["iters"], tier["iters"]
+    names, lines = {}, ["import torch", "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer",
+                        "from nnunet_topomae.trainers import *", ""]
+    for pre, fine in ARMS.values():
+        if pre and pre not in names:
+            names[pre] = f"{pre}_bench"
+            lines += [f"class {names[pre]}({pre}):", f"    pretrain_epochs = {pe}",
+                      f"    pretrain_iterations_per_epoch = {it}", "    pretrain_val_iterations_per_epoch = 5",
+                      f"    warmup_epochs = {max(1, pe // 20)}", f"    preview_every = {max(1, pe // 5)}", ""]
+        if fine not in names:
+            names[fine] = f"{fine}_bench"
+            lines += [f"class {names[fine]}({fine}):",
+                      "    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):",
+                      "        super().__init__(plans, configuration, fold, dataset_json, device)",
+                      f"        self.num_epochs = {fe}", f"        self.num_iterations_per_epoch = {it}",
+                      "        self.num_val_iterations_per_epoch = 5", ""]
+    with open(os.path.join(folder, "nnunet_topomae_bench_trainers.py"), "w") as f:
+        f.write("\n".join(lines))
+    return names
+
+
+def prepare(args, env, log) -> str:
+    """Raw dataset in place, planned and preprocessed; returns the dataset name."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    raw_root = env["nnUNet_raw"]
+    existing = [d for d in os.listdir(raw_root) if d.startswith(f"Dataset{DATASET_ID:03d}_")]
+    if not existing:
+        if os.path.isfile(os.path.join(args.raw, "dataset.json")) and "channel_names" in load_json(
+                os.path.join(args.raw, "dataset.json")):
+            os.symlink(os.path.abspath(args.raw), os.path.join(raw_root, f"Dataset{DATASET_ID:03d}_Bench"))
+        else:
+            if not os.path.isdir(os.path.join(args.raw, "imagesTs")):
+                sys.exit(f"benchmark: {args.raw} has no imagesTs folder; nnU-Net's MSD converter needs one (it may be empty)")
+            run([nnunet_command("nnUNetv2_convert_MSD_dataset"), "-i", os.path.abspath(args.raw), "-overwrite_id",
+                 str(DATASET_ID), "-np", "1"], env, log)
+        existing = [d for d in os.listdir(raw_root) if d.startswith(f"Dataset{DATASET_ID:03d}_")]
+    name = existing[0]
+    if not os.path.isfile(os.path.join(env["nnUNet_preprocessed"], name, "nnUNetPlans.json")):
+        print("planning and preprocessing ...", flush=True)
+        run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1"],
+            env, log)
+    return name
+
+
+def write_splits(pre_dir: str, seeds: int) -> Dict:
+    """Fold 0 as nnU-Net made it, plus folds with nested labelled subsets of its training cases."""
+    path = os.path.join(pre_dir, "splits_final.json")
+    with open(path) as f:
+        splits = json.load(f)
+    base = splits[0]
+    order = list(np.random.default_rng(0).permutation(sorted(base["train"])))
+    subsets = {"5": sorted(order[:5]), "20": sorted(order[:20]), "all": sorted(base["train"])}
+    folds = {}
+    splits = splits[:5]
+    for seed in range(seeds):
+        for label in ("5", "20", "all"):
+            folds[(label, seed)] = len(splits)
+            splits.append({"train": subsets[label], "val": base["val"]})
+    with open(path, "w") as f:
+        json.dump(splits, f, indent=1)
+    return {"subsets": subsets, "folds": {f"{k[0]}_seed{k[1]}": v for k, v in folds.items()},
+            "fold_of": folds, "n_train": len(base["train"]), "val": base["val"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--raw", required=True, help="MSD task folder (imagesTr, labelsTr, dataset.json) or nnU-Net raw dataset")
+    ap.add_argument("--tier", choices=list(TIERS), default="quick")
+    ap.add_argument("--out", required=True, help="work and result folder (reuse it to resume)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", nargs="*", default=None, help="restrict to these arms")
+    args = ap.parse_args()
+    tier = TIERS[args.tier]
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "benchmark_log.txt")
+    shim_dir = os.path.join(out, "ext_trainers")
+    names = write_trainer_shims(shim_dir, tier)
+    env = nnunet_env(out, extra_ext=[shim_dir], n_proc_da=1)
+    name = prepare(args, env, log)
+    pre_dir = os.path.join(env["nnUNet_preprocessed"], name)
+    plans = "nnUNetPlans"
+    if tier["plans"] == "cpu":
+        plans = "nnUNetPlansCPU"
+        make_plans_variant(pre_dir, plans, **CPU_PLANS)
+    max_seeds = max(s for _, _, s in tier["runs"])
+    split_info = write_splits(pre_dir, max_seeds)
+    with open(os.path.join(out, "labelled_subsets.json"), "w") as f:
+        json.dump({k: v for k, v in split_info.items() if k != "fold_of"}, f, indent=1)
+
+    results_path = os.path.join(out, "results.json")
+    results: List[dict] = json.load(open(results_path)) if os.path.isfile(results_path) else []
+    done = {(r["arm"], str(r["labelled_cases"]), r["seed"]) for r in results}
+    res_root = os.path.join(env["nnUNet_results"], name)
+    train = lambda tr, fold: [nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(fold), "-p", plans,
+                              "-tr", tr, "-device", args.device]
+    t_all = time.time()
+    for arm, labelled, seeds in tier["runs"]:
+        if args.only and arm not in args.only:
+            continue
+        pre, fine = ARMS[arm]
+        for seed in range(seeds):
+            key = (arm, str(labelled), seed)
+            if key in done:
+                continue
+            t0 = time.time()
+            extra = []
+            if pre is not None:
+                ckpt = os.path.join(res_root, f"{names[pre]}__{plans}__3d_fullres", "fold_0", "checkpoint_final.pth")
+                if not os.path.isfile(ckpt):
+                    print(f"[{time.time() - t_all:6.0f} s] pretraining {names[pre]} on fold 0's training images", flush=True)
+                    run(train(names[pre], 0), env, log, echo=epoch_echo())
+                extra = ["-pretrained_weights", ckpt]
+            fold = split_info["fold_of"][(str(labelled), seed)]
+            print(f"[{time.time() - t_all:6.0f} s] {arm}: {names[fine]}, {labelled} labelled cases, seed {seed} (fold {fold})",
+                  flush=True)
+            folder = os.path.join(res_root, f"{names[fine]}__{plans}__3d_fullres", f"fold_{fold}")
+            summary = os.path.join(folder, "validation", "summary.json")
+            if not os.path.isfile(summary):
+                if os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
+                    run(train(names[fine], fold) + ["--val"], env, log)
+                else:
+                    run(train(names[fine], fold) + extra, env, log, echo=epoch_echo())
+            t_train = time.time() - t0
+            with open(summary) as f:
+                m = json.load(f)
+            dice = {k: v["Dice"] for k, v in m["mean"].items()}
+            n_lab = len(split_info["subsets"][str(labelled)])
+            results.append(dict(arm=arm, labelled_cases=n_lab, labels_fraction=round(n_lab / split_info["n_train"], 4),
+                                seed=seed, dice=dice, mean_dice=float(m["foreground_mean"]["Dice"]),
+                                steps=tier["finetune_steps"], pretrain_steps=tier["pretrain_steps"] if pre else 0,
+                                train_seconds=round(t_train, 1), fold=fold, tier=args.tier, device=args.device))
+            done.add(key)
+            with open(results_path, "w") as f:
+                json.dump(results, f, indent=1)
+            print(f"    mean Dice {results[-1]['mean_dice']:.4f} {dice}", flush=True)
+    write_report(results, out)
+    return 0
+
+
+def write_report(results: List[dict], out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups: Dict = {}
+    for r in results:
+        groups.setdefault((r["arm"], r["labelled_cases"]), []).append(r["mean_dice"])
+    lines = ["| arm | labelled cases | runs | mean Dice (mean over seeds) | per seed |", "| --- | --- | --- | --- | --- |"]
+    for (arm, n), v in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        lines.append(f"| {arm} | {n} | {len(v)} | {np.mean(v):.4f} | {', '.join(f'{x:.4f}' for x in v)} |")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    arms = sorted({a for a, _ in groups})
+    for i, arm in enumerate(arms):
+        xs, ys = [], []
+        for (a, n), v in groups.items():
+            if a == arm:
+                xs += [n] * len(v)
+                ys += v
+        ax.scatter(np.array(xs) * (1 + 0.03 * (i - len(arms) / 2)), ys, label=arm)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training cases")
+    ax.set_ylabel("mean Dice (fold 0 validation)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "results.png"), dpi=90)
+    plt.close(fig)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
