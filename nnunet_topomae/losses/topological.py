@@ -52,13 +52,17 @@ def reduce_volume(x: torch.Tensor, max_size: int = 32) -> torch.Tensor:
     return F.avg_pool3d(x, kernel_size=kernel, stride=kernel, ceil_mode=True)
 
 
-def persistence_pairs(volume: np.ndarray, dims=(0, 1, 2), max_pairs: int | None = None) -> dict:
-    """Creator/destroyer voxels (flat C-order indices) of the sublevel persistence of ``volume``.
+def _select(out_pairs, flat, d, max_pairs):
+    pairs = out_pairs
+    pers = flat[pairs[:, 1]] - flat[pairs[:, 0]]
+    keep = pers > 0
+    pairs, pers = pairs[keep], pers[keep]
+    if max_pairs is not None and len(pairs) > max_pairs:
+        pairs = pairs[np.argsort(-pers, kind="stable")[:max_pairs]]
+    return pairs
 
-    Returns {d: int64 (n, 2) [birth voxel, death voxel]} for finite points and
-    {('essential', d): int64 (k,) birth voxels} for points dying at infinity.
-    """
-    volume = np.ascontiguousarray(volume, dtype=np.float64)
+
+def _gudhi_raw(volume: np.ndarray, dims):
     cc = CubicalComplex(vertices=volume)
     cc.compute_persistence()
     regular, essential = cc.vertices_of_persistence_pairs()
@@ -72,19 +76,94 @@ def persistence_pairs(volume: np.ndarray, dims=(0, 1, 2), max_pairs: int | None 
         multi = np.unravel_index(idx, volume.shape, order="F")
         return np.ravel_multi_index(multi, volume.shape).astype(np.int64)
 
+    reg = {d: to_c(regular[d]).reshape(-1, 2) if d < len(regular) else np.zeros((0, 2), np.int64) for d in dims}
+    ess = {d: to_c(essential[d] if d < len(essential) else []).reshape(-1) for d in dims}
+    return reg, ess
+
+
+def _cripser_raw(volume: np.ndarray, dims):
+    # CubicalRipser's default V-construction = voxels as vertices, like gudhi's vertices=;
+    # rows are [dim, birth, death, birth voxel (3), death voxel (3)].
+    import cripser
+    res = cripser.computePH(volume, maxdim=max(dims))
+    shape = volume.shape
+    reg, ess = {}, {}
+    for d in dims:
+        rows = res[res[:, 0] == d]
+        finite = rows[:, 2] < np.finfo(np.float64).max / 2
+        b = np.ravel_multi_index(tuple(rows[:, 3:6].astype(np.int64).T), shape)
+        fin = rows[finite]
+        dd = np.ravel_multi_index(tuple(fin[:, 6:9].astype(np.int64).T), shape) if len(fin) else np.zeros(0, np.int64)
+        reg[d] = np.stack([b[finite], dd], 1).astype(np.int64) if len(fin) else np.zeros((0, 2), np.int64)
+        ess[d] = b[~finite].astype(np.int64)
+    return reg, ess
+
+
+BACKENDS = {"gudhi": _gudhi_raw, "cripser": _cripser_raw}
+
+
+def available_backends():
+    out = ["gudhi"]
+    try:
+        import cripser  # noqa: F401  (optional, GPL-3.0: pip install cripser)
+        out.append("cripser")
+    except ImportError:
+        pass
+    return out
+
+
+def persistence_pairs(volume: np.ndarray, dims=(0, 1, 2), max_pairs: int | None = None,
+                      backend: str = "gudhi") -> dict:
+    """Creator/destroyer voxels (flat C-order indices) of the sublevel persistence of ``volume``.
+
+    Returns {d: int64 (n, 2) [birth voxel, death voxel]} for finite points and
+    {('essential', d): int64 (k,) birth voxels} for points dying at infinity.
+    ``backend``: 'gudhi' (default, the reference) or 'cripser' (optional, faster, GPL-3.0).
+    """
+    volume = np.ascontiguousarray(volume, dtype=np.float64)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown persistence backend {backend!r}; available: {available_backends()}")
+    reg, ess = BACKENDS[backend](volume, tuple(dims))
     flat = volume.ravel()
     out = {}
     for d in dims:
-        pairs = to_c(regular[d]).reshape(-1, 2) if d < len(regular) else np.zeros((0, 2), np.int64)
-        pers = flat[pairs[:, 1]] - flat[pairs[:, 0]]
-        keep = pers > 0
-        pairs, pers = pairs[keep], pers[keep]
-        if max_pairs is not None and len(pairs) > max_pairs:
-            pairs = pairs[np.argsort(-pers, kind="stable")[:max_pairs]]
-        out[d] = pairs
-        ess = essential[d] if d < len(essential) else []
-        out[("essential", d)] = to_c(ess).reshape(-1)
+        out[d] = _select(reg[d], flat, d, max_pairs)
+        out[("essential", d)] = ess[d]
     return out
+
+
+class PersistencePool:
+    """A persistent pool of worker processes computing ``persistence_pairs`` of many volumes at once.
+
+    gudhi holds Python's lock, so threads do not help; processes do. Started once (spawn, so that
+    no OpenMP/torch state is forked) and reused every step."""
+
+    def __init__(self, workers: int, dims=(0, 1, 2), max_pairs: int | None = 64, backend: str = "gudhi"):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        self.dims, self.max_pairs, self.backend = tuple(dims), max_pairs, backend
+        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+
+    def map(self, volumes):
+        n = len(volumes)
+        return list(self.executor.map(persistence_pairs, volumes, [self.dims] * n, [self.max_pairs] * n,
+                                      [self.backend] * n))
+
+    def close(self):
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class InputPersistence:
+    """Picklable per-sample function for nnU-Net's data-loading workers: the input's diagrams do
+    not depend on the network, so they are computed next to the batch, off the training step."""
+
+    def __init__(self, max_size: int = 32, dims=(0, 1, 2), max_pairs: int | None = 64, backend: str = "gudhi"):
+        self.max_size, self.dims, self.max_pairs, self.backend = max_size, tuple(dims), max_pairs, backend
+
+    def __call__(self, image: np.ndarray):
+        """image (C, X, Y, Z) -> list over channels of persistence_pairs of the reduced volume."""
+        reduced = reduce_volume(torch.as_tensor(image, dtype=torch.float32)[None], self.max_size)[0].numpy()
+        return [persistence_pairs(reduced[c], self.dims, self.max_pairs, self.backend) for c in range(len(reduced))]
 
 
 def diagram_from_pairs(values, pairs):
@@ -127,7 +206,7 @@ def wasserstein2_matching(diag_a: np.ndarray, diag_b: np.ndarray):
 
 
 def topological_loss_single(recon: torch.Tensor, target, dims=(0, 1, 2), max_pairs=None,
-                            target_pairs: dict | None = None) -> torch.Tensor:
+                            target_pairs: dict | None = None, recon_pairs: dict | None = None) -> torch.Tensor:
     """L_topo for one 3D volume pair; differentiable w.r.t. ``recon``.
 
     ``target_pairs`` (e.g. from data-loading workers) must come from
@@ -136,10 +215,10 @@ def topological_loss_single(recon: torch.Tensor, target, dims=(0, 1, 2), max_pai
     if isinstance(target, torch.Tensor):
         target = target.detach().cpu().numpy()
     target = np.asarray(target, dtype=np.float64)
-    recon_np = recon.detach().cpu().numpy().astype(np.float64)
     if target_pairs is None:
         target_pairs = persistence_pairs(target, dims, max_pairs)
-    recon_pairs = persistence_pairs(recon_np, dims, max_pairs)
+    if recon_pairs is None:
+        recon_pairs = persistence_pairs(recon.detach().cpu().numpy().astype(np.float64), dims, max_pairs)
 
     dev = recon.device
     # Keeps the result attached to recon's graph even when no pair exists.
@@ -166,20 +245,51 @@ def topological_loss_single(recon: torch.Tensor, target, dims=(0, 1, 2), max_pai
 
 
 class TopologicalLoss(torch.nn.Module):
-    """Batch L_topo on reduced-resolution volumes, averaged over batch and channels."""
+    """Batch L_topo on reduced-resolution volumes, averaged over batch and channels.
 
-    def __init__(self, max_size: int = 32, dims=(0, 1, 2), max_pairs: int | None = 64):
+    ``workers`` > 0 computes the reconstructions' persistence in a persistent process pool
+    (``PersistencePool``); ``target_pairs`` (from ``InputPersistence`` in the data-loading workers)
+    skips the inputs' persistence on the training step."""
+
+    def __init__(self, max_size: int = 32, dims=(0, 1, 2), max_pairs: int | None = 64,
+                 backend: str = "gudhi", workers: int = 0):
         super().__init__()
         self.max_size = max_size
         self.dims = tuple(dims)
         self.max_pairs = max_pairs
+        self.backend = backend
+        self.workers = workers
+        self._pool = None
 
-    def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _pairs(self, volumes):
+        if self.workers > 0 and len(volumes) > 1:
+            if self._pool is None:
+                self._pool = PersistencePool(self.workers, self.dims, self.max_pairs, self.backend)
+            return self._pool.map(volumes)
+        return [persistence_pairs(v, self.dims, self.max_pairs, self.backend) for v in volumes]
+
+    def per_volume(self, recon: torch.Tensor, target: torch.Tensor, target_pairs=None) -> torch.Tensor:
+        """(B, C) losses. ``target_pairs``: per sample, a list over channels of persistence_pairs."""
         # float32 so PH/matching are not hit by AMP half precision.
         recon = reduce_volume(recon.float(), self.max_size)
-        target = reduce_volume(target.detach().float(), self.max_size).cpu().numpy()
-        losses = [
-            topological_loss_single(recon[b, c], target[b, c], self.dims, self.max_pairs)
-            for b in range(recon.shape[0]) for c in range(recon.shape[1])
-        ]
-        return torch.stack(losses).mean()
+        target = reduce_volume(target.detach().float(), self.max_size).cpu().numpy().astype(np.float64)
+        b, c = recon.shape[:2]
+        recon_np = recon.detach().cpu().numpy().astype(np.float64)
+        todo = [recon_np[i, j] for i in range(b) for j in range(c)]
+        if target_pairs is None:
+            todo += [target[i, j] for i in range(b) for j in range(c)]
+        pairs = self._pairs(todo)
+        r_pairs = pairs[:b * c]
+        t_pairs = pairs[b * c:] if target_pairs is None else [target_pairs[i][j] for i in range(b) for j in range(c)]
+        losses = [topological_loss_single(recon[i, j], target[i, j], self.dims, self.max_pairs,
+                                          target_pairs=t_pairs[i * c + j], recon_pairs=r_pairs[i * c + j])
+                  for i in range(b) for j in range(c)]
+        return torch.stack(losses).reshape(b, c)
+
+    def forward(self, recon: torch.Tensor, target: torch.Tensor, target_pairs=None) -> torch.Tensor:
+        return self.per_volume(recon, target, target_pairs).mean()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_pool"] = None
+        return state

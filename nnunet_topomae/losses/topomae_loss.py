@@ -31,18 +31,25 @@ class TopoMAELoss(nn.Module):
         self.topo_loss = topo_loss if w_topo > 0 else None
 
     def forward(self, out: Dict[str, torch.Tensor], image: torch.Tensor,
-                spatial_target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Returns every term (unweighted, for logging) and ``loss`` (weighted total)."""
+                spatial_target: Optional[torch.Tensor] = None, topo_pairs=None,
+                with_topo: bool = True) -> Dict[str, torch.Tensor]:
+        """Returns every term (unweighted, for logging) and ``loss`` (weighted total).
+        ``topo_pairs``: the inputs' persistence pairs if already computed (data-loading workers);
+        ``with_topo=False`` skips the topological term this step (every-N-steps schedule)."""
         m = out["voxel_mask"]
         cnn = out.get("cnn_recon")
         cnn_full = (cnn[0] if isinstance(cnn, (list, tuple)) else cnn) if cnn is not None else None
         terms: Dict[str, torch.Tensor] = {"rec_vit": masked_mse(out["vit_recon"], image, m)}
         if cnn is not None:
             terms["rec_cnn"] = deep_supervision_masked_mse(cnn, image, m)
-        if self.topo_loss is not None:
-            terms["topo_vit"] = self.topo_loss(out["vit_recon"], image)
-            if cnn_full is not None:
-                terms["topo_cnn"] = self.topo_loss(cnn_full, image)
+        if self.topo_loss is not None and with_topo:
+            # one call for both branches, so all persistence computations of the step run in parallel
+            recons = [out["vit_recon"]] + ([cnn_full] if cnn_full is not None else [])
+            n = len(recons)
+            per = self.topo_loss.per_volume(torch.cat(recons), torch.cat([image] * n),
+                                            None if topo_pairs is None else list(topo_pairs) * n)
+            for name, part in zip(("topo_vit", "topo_cnn"), per.chunk(n)):
+                terms[name] = part.mean()
         if spatial_target is not None and self.w["spatial"] > 0:
             for branch in ("vit", "cnn"):
                 if f"{branch}_coords" in out:

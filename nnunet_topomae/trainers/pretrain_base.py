@@ -157,8 +157,9 @@ class nnUNetPretrainTrainerBase(TopoMAETrainerMixin, nnUNetTrainer):
         return {k: v.detach().float().cpu().numpy() for k, v in terms.items()}
 
     def _mean_terms(self, outputs: List[dict]) -> Dict[str, float]:
-        names = outputs[0].keys()
-        means = {k: float(np.mean([o[k] for o in outputs])) for k in names}
+        # a term may be computed only every N steps: average it over the steps that have it
+        names = sorted({k for o in outputs for k in o})
+        means = {k: float(np.mean([o[k] for o in outputs if k in o])) for k in names}
         if self.is_ddp:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, means)
@@ -246,10 +247,12 @@ class nnUNetPretrainTrainerBase(TopoMAETrainerMixin, nnUNetTrainer):
                 "pretraining": self.pretraining_record()}
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        if isinstance(filename_or_checkpoint, str):
-            filename_or_checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        self.term_history = filename_or_checkpoint.get("term_history", self.term_history)
-        self._val_ema = filename_or_checkpoint.get("_val_ema")
+        ckpt = filename_or_checkpoint
+        if isinstance(ckpt, str):
+            ckpt = torch.load(ckpt, map_location=self.device, weights_only=False)
+        self.term_history = ckpt.get("term_history", self.term_history)
+        self._val_ema = ckpt.get("_val_ema")
+        # nnU-Net 2.8.1's load_checkpoint only handles a path (a dict leaves `checkpoint` unbound)
         super().load_checkpoint(filename_or_checkpoint)
 
     def perform_actual_validation(self, save_probabilities: bool = False):

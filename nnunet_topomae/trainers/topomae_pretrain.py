@@ -16,7 +16,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_topomae.architectures.topomae_net import TopoMAENetwork
 from nnunet_topomae.architectures.vit3d import VIT_PRESETS, ViTConfig, token_size_from_plan
-from nnunet_topomae.losses.topological import TopologicalLoss
+from nnunet_topomae.losses.topological import InputPersistence, TopologicalLoss
 from nnunet_topomae.losses.topomae_loss import TopoMAELoss
 from nnunet_topomae.trainers.pretrain_base import nnUNetPretrainTrainerBase
 
@@ -54,6 +54,10 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
     # topological loss: reduced copy of at most this many voxels per axis; most persistent pairs
     topo_max_size: int = 32
     topo_max_pairs: int = 64
+    topo_backend: str = "gudhi"       # 'cripser' (optional extra, GPL-3.0) is faster
+    topo_workers: int = 2             # processes for the reconstructions' persistence (0: in process)
+    topo_inputs_in_dataloader: bool = True
+    topo_every: int = 1               # compute the topological term every N steps
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
@@ -65,17 +69,25 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
         return TopoMAENetwork(cfg, cnn, mask_ratio=cls.mask_ratio, spatial_heads=cls.spatial_heads)
 
     def _build_loss(self):
-        topo = TopologicalLoss(max_size=self.topo_max_size, max_pairs=self.topo_max_pairs) if self.w_topo > 0 else None
+        topo = TopologicalLoss(max_size=self.topo_max_size, max_pairs=self.topo_max_pairs, backend=self.topo_backend,
+                               workers=self.topo_workers) if self.w_topo > 0 else None
         return TopoMAELoss(self.w_rec, self.w_topo, self.w_spatial if self.spatial_heads else 0.0,
                            self.w_rec_consistency if self.use_cnn else 0.0,
                            self.w_spatial_consistency if (self.use_cnn and self.spatial_heads) else 0.0,
                            topo_loss=topo)
 
+    def persistence_fn(self):
+        if self.w_topo > 0 and self.topo_inputs_in_dataloader:
+            return InputPersistence(self.topo_max_size, max_pairs=self.topo_max_pairs, backend=self.topo_backend)
+        return None
+
     def compute_terms(self, batch: dict) -> Dict[str, torch.Tensor]:
         x = batch["data"].to(self.device, non_blocking=True)
         spatial = batch["spatial"].to(self.device, non_blocking=True)
         out = self.network(x)
-        return self.loss(out, x, spatial)
+        self._step = getattr(self, "_step", -1) + 1
+        return self.loss(out, x, spatial, topo_pairs=batch.get("topo_pairs"),
+                         with_topo=self._step % self.topo_every == 0)
 
     def preview_columns(self, batch: dict) -> Dict[str, np.ndarray]:
         x = batch["data"][:1].to(self.device)

@@ -10,6 +10,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _default_style(fn):
+    # nnU-Net's progress plot calls seaborn.set(font_scale=2.5) globally; our pictures use their own style
+    def wrapper(*args, **kwargs):
+        with plt.style.context("default"):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_default_style
 def plot_loss_terms(history: Dict[str, Dict[str, List[float]]], path: str) -> None:
     """One panel per loss term, train (solid) and validation (dashed) per epoch."""
     names = sorted(set(history.get("train", {})) | set(history.get("val", {})))
@@ -27,7 +36,7 @@ def plot_loss_terms(history: Dict[str, Dict[str, List[float]]], path: str) -> No
         ax.set_xlabel("epoch")
         if name != "loss" and all(v > 0 for v in history.get("train", {}).get(name, [1])):
             ax.set_yscale("log")
-        ax.legend()
+        ax.legend(fontsize=8)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
     fig.tight_layout()
@@ -35,6 +44,7 @@ def plot_loss_terms(history: Dict[str, Dict[str, List[float]]], path: str) -> No
     plt.close(fig)
 
 
+@_default_style
 def save_volume_preview(columns: Dict[str, np.ndarray], path: str, title: str = "") -> None:
     """columns: name -> 3D volume (X, Y, Z). Rows are the three mid slices (one per axis)."""
     names = list(columns)
@@ -50,7 +60,7 @@ def save_volume_preview(columns: Dict[str, np.ndarray], path: str, title: str = 
             axes[axis, c].set_yticks([])
         axes[0, c].set_title(name, fontsize=9)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
