@@ -22,13 +22,17 @@ A U-Net is pretrained on a masked input with three groups of objectives:
 Our interpretation for nnU-Net
 ------------------------------
 * ``cnn`` is the plan's network (``PlainConvUNet`` / ``ResidualEncoderUNet``) built by nnU-Net
-  with ``num_output_channels = num_input_channels`` and deep supervision off; its parts are
+  with ``num_output_channels = num_input_channels``; its parts are
   registered as ``self.encoder`` / ``self.decoder`` so that the state_dict keys are exactly the
   ones of the plain network (``encoder.*``, ``decoder.*``, including the decoder's alias
   ``decoder.encoder.*``). The decoder's ``seg_layers`` act as reconstruction heads and are
   dropped by nnU-Net's ``load_pretrained_weights`` when finetuning; the extra heads
   (``perception_count``, ``perception_position``, ``projection``) are ignored by it because the
-  finetuning network has no such keys.
+  finetuning network has no such keys. With deep supervision on (what the pretraining trainer
+  uses) every decoder output is returned (``recon_ds``) so that a loss on all of them reaches
+  every ``seg_layers`` head: DDP without ``find_unused_parameters`` needs a gradient for every
+  parameter. For the same reason the heads of a disabled objective (``perception=False``,
+  ``contrast=False``) are not created.
 * Sub-volume == one bottleneck position (see :mod:`nnunet_topomae.masking.two_level`), so the
   perception heads are 1x1x1 convolutions on the bottleneck (equivalent to the released
   per-region ``nn.Linear`` without the 4x4x4 average pooling).
@@ -114,6 +118,8 @@ class HybridMIMNetwork(nn.Module):
         proj_dim: int = 384,
         contrast_dropout: float = 0.1,
         projection_hidden: Optional[int] = None,
+        perception: bool = True,
+        contrast: bool = True,
     ):
         super().__init__()
         if not (hasattr(cnn, "encoder") and hasattr(cnn, "decoder")):
@@ -141,14 +147,18 @@ class HybridMIMNetwork(nn.Module):
         c_bottleneck = int(self.encoder.output_channels[-1])
         conv_op = self.encoder.conv_op
         n = geometry.n_cubes
-        self.perception_count = conv_op(c_bottleneck, n + 1, 1, 1, 0, bias=True)
-        self.perception_position = conv_op(c_bottleneck, n, 1, 1, 0, bias=True)
+        # heads of disabled objectives are not created: every parameter must get a gradient (DDP)
+        self.has_perception = bool(perception)
+        self.has_contrast = bool(contrast)
+        if self.has_perception:
+            self.perception_count = conv_op(c_bottleneck, n + 1, 1, 1, 0, bias=True)
+            self.perception_position = conv_op(c_bottleneck, n, 1, 1, 0, bias=True)
         hidden = c_bottleneck if projection_hidden is None else int(projection_hidden)
-        if hidden > 0:
+        if self.has_contrast and hidden > 0:
             self.projection = nn.Sequential(
                 nn.Linear(c_bottleneck, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, proj_dim)
             )
-        else:
+        elif self.has_contrast:
             self.projection = nn.Sequential(nn.Linear(c_bottleneck, proj_dim))
 
     # ------------------------------------------------------------------ helpers
@@ -167,11 +177,14 @@ class HybridMIMNetwork(nn.Module):
         h = h.flatten(2).mean(dim=2)
         return self.projection(h)
 
-    def _decode(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
-        out = self.decoder(list(skips))
-        if isinstance(out, (list, tuple)):  # decoder built / switched to deep supervision
-            out = out[0]
-        return out
+    def _decode(self, skips: Sequence[torch.Tensor]) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """The decoder's output: one tensor, or (deep supervision on) the list of all outputs,
+        highest resolution first."""
+        return self.decoder(list(skips))
+
+    def _encoder_is_stochastic(self) -> bool:
+        return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training
+                   for m in self.encoder.modules())
 
     def _check_bottleneck(self, bottleneck: torch.Tensor) -> None:
         if tuple(bottleneck.shape[2:]) != tuple(self.geometry.subvolume_grid):
@@ -181,27 +194,50 @@ class HybridMIMNetwork(nn.Module):
             )
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, box: Optional[Box] = None) -> Dict[str, torch.Tensor]:
-        """Returns ``recon`` (linear; whole patch, or only ``box`` in voxels),
-        ``count_logits`` ``(B, n_cubes + 1, *grid)``, ``position_logits`` ``(B, n_cubes, *grid)``,
-        ``projection`` ``(B, proj_dim)`` (one dropout view) and ``bottleneck``."""
+    def forward(self, x: torch.Tensor, box: Optional[Box] = None, second_view: bool = False) -> Dict[str, torch.Tensor]:
+        """Returns ``recon`` (linear; whole patch, or only ``box`` in voxels), ``recon_ds`` (only
+        with deep supervision on: every decoder output, highest resolution first, ``recon`` being
+        the first), ``count_logits`` ``(B, n_cubes + 1, *grid)`` and ``position_logits``
+        ``(B, n_cubes, *grid)`` (perception heads), ``projection`` ``(B, proj_dim)`` (one dropout
+        view; contrast head) and ``bottleneck``.
+
+        ``second_view=True`` adds ``projection2``, the second contrastive view: the released code's
+        no-grad second encoder pass of the same input, then dropout, pooling and the projection
+        head (with gradient). nnU-Net's CNN has no dropout layers, so that second pass would
+        recompute exactly the same bottleneck: it is reused (detached) instead, which costs
+        nothing; only an encoder with active dropout layers is run a second time (no grad, after
+        the gradient pass, so that an autocast weight-cast cache only ever holds casts with
+        autograd history)."""
         skips = self.encoder(x)
         bottleneck = skips[-1]
         self._check_bottleneck(bottleneck)
-        out = {
-            "count_logits": self.perception_count(bottleneck),
-            "position_logits": self.perception_position(bottleneck),
-            "projection": self._project(bottleneck),
-            "bottleneck": bottleneck,
-        }
+        out: Dict[str, torch.Tensor] = {"bottleneck": bottleneck}
+        if self.has_perception:
+            out["count_logits"] = self.perception_count(bottleneck)
+            out["position_logits"] = self.perception_position(bottleneck)
+        if self.has_contrast:
+            out["projection"] = self._project(bottleneck)
         if box is not None:
             skips = self.crop_skips(skips, box)
-        out["recon"] = self._decode(skips)
+        recon = self._decode(skips)
+        if isinstance(recon, (list, tuple)):  # decoder built / switched to deep supervision
+            out["recon_ds"] = list(recon)
+            recon = recon[0]
+        out["recon"] = recon
+        if second_view and self.has_contrast:
+            if self._encoder_is_stochastic():
+                with torch.no_grad():
+                    b2 = self.encoder(x)[-1]
+            else:
+                b2 = bottleneck.detach()
+            out["projection2"] = self._project(b2)
         return out
 
     def projection_only(self, x: torch.Tensor, encoder_grad: bool = False) -> torch.Tensor:
         """Second contrastive view: encoder (no grad by default, as the released code) ->
         dropout -> pool -> projection head (with grad). No decoder, no perception heads."""
+        if not self.has_contrast:
+            raise RuntimeError("this network was built without the contrastive projection head")
         with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
             bottleneck = self.encoder(x)[-1]
         return self._project(bottleneck)
