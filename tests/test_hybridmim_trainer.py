@@ -20,7 +20,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_topomae.architectures.hybridmim_net import HybridMIMNetwork
 from nnunet_topomae.losses.contrastive import nt_xent
-from nnunet_topomae.losses.hybridmim_loss import gather_variable_with_grad, nt_xent_global
+from nnunet_topomae.losses.contrastive import gather_with_grad, nt_xent
 from nnunet_topomae.trainers.hybridmim_pretrain import nnUNetTrainerHybridMIMPretrain
 from nnunet_topomae.trainers.hybridmim_variants import (
     nnUNetTrainerHybridMIMPretrain_noContrast,
@@ -310,10 +310,10 @@ def _gather_worker(rank, world, port, path):
         lin = torch.nn.Linear(4, 3)
         x1, x2 = torch.randn(5, 4), torch.randn(5, 4)
         sl = slice(0, 3) if rank == 0 else slice(3, 5)  # nnU-Net splits a batch of 5 as 3 + 2
-        g = gather_variable_with_grad(torch.full((3 - rank, 2), float(rank)))
+        g = gather_with_grad(torch.full((3 - rank, 2), float(rank)))
         assert g.shape == (5, 2) and g[:3].eq(0).all() and g[3:].eq(1).all()
         model = DDP(lin)
-        loss = nt_xent_global(model(x1[sl]), model(x2[sl]), temperature=0.5)
+        loss = nt_xent(model(x1[sl]), model(x2[sl]), temperature=0.5, gather=True)
         loss.backward()
         if rank == 0:
             torch.save({"loss": loss.detach(), "grad": lin.weight.grad.clone()}, path)

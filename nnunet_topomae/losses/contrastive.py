@@ -14,7 +14,7 @@ This is exactly the released ``forward_constrast_loss`` (``Pretrain/losses/loss.
 DDP
 ---
 With ``gather=True`` the embeddings of all ranks are gathered (:func:`gather_with_grad`) so the
-negatives are the whole global batch. ``gather_with_grad`` uses a plain ``all_gather`` and puts
+negatives are the whole global batch. ``gather_with_grad`` exchanges the per-rank sizes, gathers, and puts
 the local tensor (with its autograd history) back into its slot, so each rank back-propagates
 the complete ``dL/dz_local`` of the *global* loss (every rank computes the same global loss).
 DDP then averages gradients over ``W`` ranks, which would give ``1/W`` of the gradient of the
@@ -40,18 +40,25 @@ def _dist_world_size() -> int:
 
 
 def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``z`` from all ranks along dim 0 (rank order), keeping the local gradient.
+    """Concatenate ``z`` (``(n_rank, D)``) from all ranks along dim 0 in rank order, keeping the local
+    gradient (other ranks' slices are constants: ``all_gather`` has no autograd).
 
-    Other ranks' slices are constants (``all_gather`` has no autograd); the local slice is the
-    input tensor itself. Requires equal ``z.shape`` on every rank. No-op without DDP.
-    """
+    ``n_rank`` may differ between ranks: nnU-Net splits a global batch of 9 over 2 GPUs as 5 + 4, so
+    sizes are exchanged first and the slices padded to the largest. No-op without DDP."""
     world = _dist_world_size()
     if world == 1:
         return z
-    gathered = [torch.empty_like(z) for _ in range(world)]
-    dist.all_gather(gathered, z.detach().contiguous())
-    gathered[dist.get_rank()] = z
-    return torch.cat(gathered, dim=0)
+    n = torch.tensor([z.shape[0]], device=z.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    padded = z.detach().new_zeros((max(sizes), *z.shape[1:]))
+    padded[: z.shape[0]] = z.detach()
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded.contiguous())
+    parts = [g[:s] for g, s in zip(gathered, sizes)]
+    parts[dist.get_rank()] = z
+    return torch.cat(parts, dim=0)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = False) -> torch.Tensor:

@@ -14,14 +14,8 @@ with the released code's weights ``(1, 0.1, 0.1, 0.01, 0.1)`` (the trainer's cla
   perception heads.
 * ``contrast``: NT-Xent (temperature 0.5) between the two dropout views ``projection`` and
   ``projection2``, when the network has the projection head. Under DDP the views of all ranks are
-  gathered (:func:`gather_variable_with_grad`) so that every other sample of the *global* batch is
-  a negative.
-
-Why a variable-size gather: nnU-Net splits the global batch over DDP ranks unevenly when it does
-not divide (batch 9 on 2 GPUs -> 5 and 4 samples per rank, ``_set_batch_size_and_oversample``),
-and ``torch.distributed.all_gather`` needs equal shapes, which
-:func:`nnunet_topomae.losses.contrastive.gather_with_grad` assumes. Here the sizes are exchanged
-first and the embeddings padded to the largest one.
+  gathered (:func:`nnunet_topomae.losses.contrastive.gather_with_grad`, which handles nnU-Net's
+  uneven per-rank batches) so that every other sample of the *global* batch is a negative.
 
 A term whose weight is 0 is not computed (and its head should not exist: see the trainer).
 """
@@ -30,7 +24,6 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from nnunet_topomae.architectures.hybridmim_net import Box, box_to_voxel_slices
@@ -39,42 +32,7 @@ from nnunet_topomae.losses.perception import PatchMaskingPerceptionLoss
 from nnunet_topomae.losses.reconstruction import deep_supervision_masked_mse
 from nnunet_topomae.masking.two_level import MaskGeometry, perception_targets
 
-__all__ = ["HybridMIMLoss", "gather_variable_with_grad", "nt_xent_global"]
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def gather_variable_with_grad(z: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``z`` (``(n_rank, D)``, ``n_rank`` may differ between ranks) from all ranks in rank
-    order; the local slice keeps its autograd history, the others are constants. No-op without DDP."""
-    world = _world_size()
-    if world == 1:
-        return z
-    n = torch.tensor([z.shape[0]], device=z.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
-    padded = z.detach().new_zeros((max(sizes), *z.shape[1:]))
-    padded[: z.shape[0]] = z.detach()
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded.contiguous())
-    parts = [g[:s] for g, s in zip(gathered, sizes)]
-    parts[dist.get_rank()] = z
-    return torch.cat(parts, dim=0)
-
-
-def nt_xent_global(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
-    """NT-Xent over the global batch (all ranks' samples are negatives), with the same gradient scaling
-    as :func:`nnunet_topomae.losses.contrastive.nt_xent` (value ``L``, gradient ``W * dL`` so that
-    DDP's averaging over ``W`` ranks yields the gradient of the global-batch loss)."""
-    world = _world_size() if gather else 1
-    if world == 1:
-        return nt_xent(z1, z2, temperature=temperature, gather=False)
-    loss = nt_xent(gather_variable_with_grad(z1), gather_variable_with_grad(z2), temperature=temperature,
-                   gather=False)
-    return world * loss - (world - 1) * loss.detach()
+__all__ = ["HybridMIMLoss"]
 
 
 def crop_to_box(t: torch.Tensor, box: Optional[Box], geometry: MaskGeometry) -> torch.Tensor:
@@ -124,7 +82,7 @@ class HybridMIMLoss(nn.Module):
         if self.uses_contrast:
             if "projection" not in out or "projection2" not in out:
                 raise ValueError("the contrastive weight is > 0 but the network output has no two projection views")
-            terms["contrast"] = nt_xent_global(out["projection"], out["projection2"], self.temperature,
+            terms["contrast"] = nt_xent(out["projection"], out["projection2"], self.temperature,
                                                gather=self.gather_negatives)
         terms["loss"] = sum(self.w[k] * v for k, v in terms.items())
         return terms
