@@ -103,6 +103,14 @@ def prepare(args, env, log) -> str:
 def write_splits(pre_dir: str, seeds: int) -> Dict:
     """Fold 0 as nnU-Net made it, plus folds with nested labelled subsets of its training cases."""
     path = os.path.join(pre_dir, "splits_final.json")
+    if not os.path.isfile(path):
+        # exactly what nnUNetTrainer.do_split does when the file is missing
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        from nnunetv2.utilities.crossval_split import generate_crossval_split
+        data = os.path.join(pre_dir, "nnUNetPlans_3d_fullres")
+        keys = sorted(infer_dataset_class(data).get_identifiers(data))
+        with open(path, "w") as f:
+            json.dump(generate_crossval_split(keys, seed=12345, n_splits=5), f)
     with open(path) as f:
         splits = json.load(f)
     base = splits[0]
