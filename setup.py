@@ -23,6 +23,10 @@ setup(
         "numpy>=1.26,<2.5",
         "matplotlib>=3.8,<3.12",
     ],
-    extras_require={"test": ["pytest>=8,<10"]},
+    extras_require={
+        "test": ["pytest>=8,<10"],
+        # optional faster persistence backend (GPL-3.0, so never a required dependency)
+        "fast": ["cripser>=0.0.37,<0.1"],
+    },
     entry_points={"console_scripts": ["nnunet-topomae=nnunet_topomae.cli:main"]},
 )

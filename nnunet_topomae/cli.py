@@ -13,7 +13,7 @@ from typing import List, Optional
 EXT_TRAINER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ext_trainers")
 
 # (package, minimum, exclusive maximum) as tested; see setup.py
-TESTED_VERSIONS = [("nnunetv2", "2.8.1", "2.9"), ("torch", "2.3", "2.15"), ("gudhi", "3.11", "3.14")]
+TESTED_VERSIONS = [("nnunetv2", "2.8.1", "2.9"), ("torch", "2.3", "2.14.2"), ("gudhi", "3.11", "3.14")]
 
 
 def ext_trainer_value(current: Optional[str]) -> str:
@@ -116,8 +116,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _optional_commands():
-    from nnunet_topomae import demo
-    return [demo.add_parser]
+    from nnunet_topomae import bench, demo
+    return [demo.add_parser, bench.add_parser]
 
 
 if __name__ == "__main__":

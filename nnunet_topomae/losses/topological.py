@@ -150,7 +150,7 @@ class PersistencePool:
                                       [self.backend] * n))
 
     def close(self):
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 class InputPersistence:
@@ -206,7 +206,8 @@ def wasserstein2_matching(diag_a: np.ndarray, diag_b: np.ndarray):
 
 
 def topological_loss_single(recon: torch.Tensor, target, dims=(0, 1, 2), max_pairs=None,
-                            target_pairs: dict | None = None, recon_pairs: dict | None = None) -> torch.Tensor:
+                            target_pairs: dict | None = None, recon_pairs: dict | None = None,
+                            backend: str = "gudhi") -> torch.Tensor:
     """L_topo for one 3D volume pair; differentiable w.r.t. ``recon``.
 
     ``target_pairs`` (e.g. from data-loading workers) must come from
@@ -216,9 +217,9 @@ def topological_loss_single(recon: torch.Tensor, target, dims=(0, 1, 2), max_pai
         target = target.detach().cpu().numpy()
     target = np.asarray(target, dtype=np.float64)
     if target_pairs is None:
-        target_pairs = persistence_pairs(target, dims, max_pairs)
+        target_pairs = persistence_pairs(target, dims, max_pairs, backend)
     if recon_pairs is None:
-        recon_pairs = persistence_pairs(recon.detach().cpu().numpy().astype(np.float64), dims, max_pairs)
+        recon_pairs = persistence_pairs(recon.detach().cpu().numpy().astype(np.float64), dims, max_pairs, backend)
 
     dev = recon.device
     # Keeps the result attached to recon's graph even when no pair exists.
@@ -261,10 +262,18 @@ class TopologicalLoss(torch.nn.Module):
         self.workers = workers
         self._pool = None
 
+    def start(self) -> None:
+        if self.workers > 0 and self._pool is None:
+            self._pool = PersistencePool(self.workers, self.dims, self.max_pairs, self.backend)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
     def _pairs(self, volumes):
         if self.workers > 0 and len(volumes) > 1:
-            if self._pool is None:
-                self._pool = PersistencePool(self.workers, self.dims, self.max_pairs, self.backend)
+            self.start()
             return self._pool.map(volumes)
         return [persistence_pairs(v, self.dims, self.max_pairs, self.backend) for v in volumes]
 

@@ -85,9 +85,21 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
         x = batch["data"].to(self.device, non_blocking=True)
         spatial = batch["spatial"].to(self.device, non_blocking=True)
         out = self.network(x)
-        self._step = getattr(self, "_step", -1) + 1
-        return self.loss(out, x, spatial, topo_pairs=batch.get("topo_pairs"),
-                         with_topo=self._step % self.topo_every == 0)
+        with_topo = True
+        if self.network.training:  # the every-N-steps schedule counts training steps; validation always scores it
+            self._train_step_count = getattr(self, "_train_step_count", -1) + 1
+            with_topo = self._train_step_count % self.topo_every == 0
+        return self.loss(out, x, spatial, topo_pairs=batch.get("topo_pairs"), with_topo=with_topo)
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.loss.topo_loss is not None:
+            self.loss.topo_loss.start()  # the pool's start-up (seconds) is not charged to the first step
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.loss.topo_loss is not None:
+            self.loss.topo_loss.close()
 
     def preview_columns(self, batch: dict) -> Dict[str, np.ndarray]:
         x = batch["data"][:1].to(self.device)
