@@ -132,6 +132,17 @@ def persistence_pairs(volume: np.ndarray, dims=(0, 1, 2), max_pairs: int | None 
     return out
 
 
+def _exit_with_parent() -> None:
+    """Pool-worker initializer: a worker ends when the training process dies (OOM killer, kill -9),
+    instead of living on and holding the job's output streams."""
+    import multiprocessing as mp
+    import os
+    import threading
+    parent = mp.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(0)), daemon=True).start()
+
+
 class PersistencePool:
     """A persistent pool of worker processes computing ``persistence_pairs`` of many volumes at once.
 
@@ -142,7 +153,8 @@ class PersistencePool:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
         self.dims, self.max_pairs, self.backend = tuple(dims), max_pairs, backend
-        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                            initializer=_exit_with_parent)
 
     def map(self, volumes):
         n = len(volumes)

@@ -193,15 +193,15 @@ class nnUNetPretrainTrainerBase(TopoMAETrainerMixin, nnUNetTrainer):
             f"Epoch time: {np.round(self.logger.get_value('epoch_end_timestamps', step=-1) - self.logger.get_value('epoch_start_timestamps', step=-1), decimals=2)} s")
 
         epoch = self.current_epoch
-        if (epoch + 1) % self.save_every == 0 and epoch != (self.num_epochs - 1):
-            self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
-
         v = val["loss"][-1]
         self._val_ema = v if self._val_ema is None else self.val_ema_momentum * self._val_ema + (1 - self.val_ema_momentum) * v
         if self._best_ema is None or self._val_ema < self._best_ema:
             self._best_ema = self._val_ema
             self.print_to_log_file(f"New best validation loss (moving average): {np.round(self._best_ema, 4)}")
             self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
+        # after the moving average, so that --c resumes it exactly
+        if (epoch + 1) % self.save_every == 0 and epoch != (self.num_epochs - 1):
+            self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
 
         if self.local_rank == 0:
             self.logger.plot_progress_png(self.output_folder)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from typing import Dict
 
 import torch
@@ -18,9 +18,10 @@ def atomic_torch_save(obj, filename: str) -> None:
     """Write to a temporary file in the same folder, then rename: an interrupted save never leaves
     a truncated checkpoint behind."""
     folder = os.path.dirname(os.path.abspath(filename))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
+    # open(..., "xb") honours the umask (mkstemp would make the checkpoint 0600, unlike nnU-Net's files)
+    tmp = os.path.join(folder, f".tmp_{uuid.uuid4().hex}.pth")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())

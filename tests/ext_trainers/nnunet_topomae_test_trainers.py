@@ -1,0 +1,114 @@
+"""Short-schedule trainers for the integration tests (the test "shim" folder on nnUNet_extTrainer).
+
+nnU-Net imports every module of every nnUNet_extTrainer folder as a *top-level* module and may
+forget it again afterwards, so:
+  - keep this module importable on its own: absolute imports of the installed package only, no
+    relative imports, no imports of other test files;
+  - do not put any other ``.py`` file into this folder (nnU-Net would import it too);
+  - class names must be unique across all nnUNet_extTrainer folders and nnU-Net itself.
+The folder is appended to nnUNet_extTrainer by ``NNUNetTestDataset.env()`` (tests/integration/helpers.py).
+
+To add a test trainer, append a class here, e.g.::
+
+    class nnUNetTrainerTopoMAEFinetune_test(ShortScheduleMixin, nnUNetTrainerTopoMAEFinetune):
+        pass
+
+``ShortScheduleMixin`` must come first in the bases. It also writes checkpoint_latest.pth after every
+epoch (``save_every = 1``) and, when the environment variable named by ``INTERRUPT_ENV`` holds an
+epoch number, kills the process (exit code ``INTERRUPT_EXIT_CODE``, no clean-up, like a crashed or
+cancelled job) right after that epoch's checkpoints were written, so that ``--c`` can be tested.
+"""
+import os
+import sys
+
+import torch
+
+from nnunet_topomae.trainers import nnUNetTrainerMAEPretrain, nnUNetTrainerTopoMAEPretrain
+from nnunet_topomae.trainers.pretrain_base import nnUNetPretrainTrainerBase
+
+INTERRUPT_ENV = "NNUNET_TOPOMAE_TEST_INTERRUPT_AFTER_EPOCH"
+INTERRUPT_EXIT_CODE = 75
+
+
+class ShortScheduleMixin:
+    # pretraining schedule (read by nnUNetPretrainTrainerBase.__init__)
+    pretrain_epochs = 2
+    pretrain_iterations_per_epoch = 3
+    pretrain_val_iterations_per_epoch = 2
+    preview_every = 1
+    # schedule of trainers that are not pretraining trainers (nnU-Net's own attributes)
+    test_num_epochs = 2
+    test_num_iterations_per_epoch = 3
+    test_num_val_iterations_per_epoch = 2
+    test_save_every = 1
+
+    # nnU-Net records the __init__ arguments by name (inspect.signature(self.__init__)): keep this
+    # exact signature, no *args/**kwargs.
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.save_every = self.test_save_every
+        if not isinstance(self, nnUNetPretrainTrainerBase):
+            # e.g. a finetuning trainer: shorten nnU-Net's own schedule (pretraining trainers take
+            # theirs from the pretrain_* attributes above)
+            self.num_epochs = self.test_num_epochs
+            self.num_iterations_per_epoch = self.test_num_iterations_per_epoch
+            self.num_val_iterations_per_epoch = self.test_num_val_iterations_per_epoch
+
+    def on_epoch_end(self):
+        super().on_epoch_end()  # writes the checkpoints, then increments current_epoch
+        stop = os.environ.get(INTERRUPT_ENV)
+        if stop is not None and self.current_epoch - 1 == int(stop):
+            self.print_to_log_file(f"{INTERRUPT_ENV}={stop}: simulated interruption after epoch {stop}")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(INTERRUPT_EXIT_CODE)
+
+
+class nnUNetTrainerTopoMAEPretrain_test(ShortScheduleMixin, nnUNetTrainerTopoMAEPretrain):
+    """TopoMAE pretraining, 2 epochs x 3 iterations (+ 2 validation iterations)."""
+
+
+class nnUNetTrainerMAEPretrain_test(ShortScheduleMixin, nnUNetTrainerMAEPretrain):
+    """Plain MAE baseline, 2 epochs x 3 iterations (+ 2 validation iterations)."""
+
+
+# ----------------------------------------------------------------------------- HybridMIM (tests/integration/test_hybridmim_e2e.py)
+from nnunet_topomae.trainers import nnUNetTrainerHybridMIMPretrain  # noqa: E402
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
+
+
+class nnUNetTrainerHybridMIMPretrain_test(ShortScheduleMixin, nnUNetTrainerHybridMIMPretrain):
+    """HybridMIM pretraining, 2 epochs x 3 iterations (+ 2 validation iterations)."""
+
+
+class nnUNetTrainer_test_finetune(nnUNetTrainer):
+    """nnU-Net's stock trainer, unchanged except a 1-epoch schedule (2 + 1 iterations) and a snapshot of
+    the network as it is when training starts, i.e. right after ``-pretrained_weights`` was loaded by
+    nnU-Net's run_training: ``<fold>/initial_weights.pth`` (CPU state_dict)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.local_rank == 0:
+            mod = self.network.module if self.is_ddp else self.network
+            mod = getattr(mod, "_orig_mod", mod)
+            torch.save({k: v.detach().cpu().clone() for k, v in mod.state_dict().items()},
+                       os.path.join(self.output_folder, "initial_weights.pth"))
+
+
+from nnunet_topomae.trainers import nnUNetTrainerTopoMAEFinetune  # noqa: E402
+
+
+class nnUNetTrainerTopoMAEFinetune_test(ShortScheduleMixin, nnUNetTrainerTopoMAEFinetune):
+    """Saves the network right after -pretrained_weights were loaded (on_train_start runs after it)."""
+
+    def on_train_start(self):
+        super().on_train_start()
+        torch.save(self._unwrapped_network().state_dict(), os.path.join(self.output_folder, "initial_weights.pth"))
