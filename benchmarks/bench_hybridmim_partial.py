@@ -34,59 +34,13 @@ from typing import Dict, List, Optional
 
 import torch
 
-PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+from nnunet_topomae.utils.synthetic_plans import PLAIN, plans
 
 
 def synthetic_plans(patch, strides, features, batch_size, channels: int = 1) -> dict:
-    n = len(strides)
-    kw = {
-        "n_stages": n,
-        "features_per_stage": list(features),
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3] for _ in range(n)],
-        "strides": [list(s) for s in strides],
-        "n_conv_per_stage": [2] * n,
-        "n_conv_per_stage_decoder": [2] * (n - 1),
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
-    return {
-        "dataset_name": "Dataset999_HybridMIMBench",
-        "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
-        "original_median_shape_after_transp": [int(p * 1.5) for p in patch],
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {},
-        "configurations": {"3d_fullres": {
-            "data_identifier": "nnUNetPlans_3d_fullres",
-            "preprocessor_name": "DefaultPreprocessor",
-            "batch_size": batch_size,
-            "patch_size": list(patch),
-            "median_image_size_in_voxels": [int(p * 1.5) for p in patch],
-            "spacing": [1.0, 1.0, 1.0],
-            "normalization_schemes": ["ZScoreNormalization"] * channels,
-            "use_mask_for_norm": [False] * channels,
-            "resampling_fn_data": "resample_data_or_seg_to_shape",
-            "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                   "force_separate_z": None},
-            "architecture": {"network_class_name": PLAIN, "arch_kwargs": kw,
-                             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
-            "batch_dice": False,
-        }},
-    }
+    """nnU-Net-shaped plans (two convolutions per stage, as nnU-Net plans them)."""
+    return plans(patch, strides, features, PLAIN, batch_size, channels, dataset_name="Dataset999_HybridMIMBench",
+                 n_conv=2, n_conv_decoder=2)
 
 
 PRESETS = {

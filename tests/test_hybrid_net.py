@@ -8,42 +8,18 @@ from nnunet_topomae.architectures.hybrid_net import HybridViTUNet, fusion_blocks
 from nnunet_topomae.architectures.vit3d import VIT_PRESETS, ViTConfig, token_size_from_plan
 from nnunet_topomae.errors import UserInputError
 from nnunet_topomae.trainers import nnUNetTrainerTopoMAEFinetune
+from nnunet_topomae.utils import synthetic_plans
 
-IMPORTS = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+IMPORTS = synthetic_plans.REQ_IMPORT
+BLOCKS = {"PlainConvUNet": synthetic_plans.PLAIN, "ResidualEncoderUNet": synthetic_plans.RESENC}
 
 
 def arch(strides, widths, block="PlainConvUNet"):
-    n = len(strides)
-    kw = dict(n_stages=n, features_per_stage=widths, conv_op="torch.nn.modules.conv.Conv3d",
-              kernel_sizes=[[3, 3, 3]] * n, strides=strides, conv_bias=True,
-              norm_op="torch.nn.modules.instancenorm.InstanceNorm3d", norm_op_kwargs={"eps": 1e-5, "affine": True},
-              dropout_op=None, dropout_op_kwargs=None, nonlin="torch.nn.LeakyReLU", nonlin_kwargs={"inplace": True})
-    if block == "PlainConvUNet":
-        kw.update(n_conv_per_stage=[1] * n, n_conv_per_stage_decoder=[1] * (n - 1))
-        cls = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-    else:
-        kw.update(n_blocks_per_stage=[1] * n, n_conv_per_stage_decoder=[1] * (n - 1))
-        cls = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
-    return cls, kw
+    return BLOCKS[block], synthetic_plans.arch_kwargs(strides, widths, BLOCKS[block])
 
 
 def plans(patch, strides, widths, block="PlainConvUNet"):
-    cls, kw = arch(strides, widths, block)
-    return {"dataset_name": "Dataset999_T", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [1, 1, 1],
-            "original_median_shape_after_transp": list(patch), "image_reader_writer": "SimpleITKIO",
-            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "experiment_planner_used": "x",
-            "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {},
-            "configurations": {"3d_fullres": {"data_identifier": "d", "preprocessor_name": "DefaultPreprocessor",
-                                              "batch_size": 2, "patch_size": list(patch), "spacing": [1, 1, 1],
-                                              "normalization_schemes": ["ZScoreNormalization"],
-                                              "use_mask_for_norm": [False], "architecture": {
-                                                  "network_class_name": cls, "arch_kwargs": kw,
-                                                  "_kw_requires_import": IMPORTS}},
-                               "2d": {"data_identifier": "d2", "preprocessor_name": "DefaultPreprocessor",
-                                      "batch_size": 2, "patch_size": list(patch[1:]), "spacing": [1, 1],
-                                      "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-                                      "architecture": {"network_class_name": cls, "arch_kwargs": kw,
-                                                       "_kw_requires_import": IMPORTS}}}}
+    return synthetic_plans.plans(patch, strides, widths, BLOCKS[block], dataset_name="Dataset999_T", with_2d=True)
 
 
 CASES = [

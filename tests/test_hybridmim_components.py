@@ -25,7 +25,7 @@ from nnunet_topomae.masking.two_level import (
     perception_targets,
     sample_cube_mask,
 )
-
+from nnunet_topomae.utils import synthetic_plans
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,53 +37,18 @@ def _few_threads():
     torch.set_num_threads(old)
 
 
-PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
-REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+PLAIN, RESENC, REQ_IMPORT = synthetic_plans.PLAIN, synthetic_plans.RESENC, synthetic_plans.REQ_IMPORT
 ISO4 = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
 ANISO5 = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
 
 
-def plain_kwargs(strides, features=None, kernel=3, norm="torch.nn.modules.instancenorm.InstanceNorm3d", n_dec=1):
-    """arch_kwargs as an nnU-Net plans file holds them (small widths)."""
-    n = len(strides)
-    features = features or [min(8 * 2**i, 64) for i in range(n)]
-    return {
-        "n_stages": n,
-        "features_per_stage": features,
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[kernel] * 3 for _ in range(n)],
-        "strides": strides,
-        "n_conv_per_stage": [2] * n,
-        "n_conv_per_stage_decoder": [n_dec] * (n - 1),
-        "conv_bias": True,
-        "norm_op": norm,
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True} if norm else None,
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
+def plain_kwargs(strides, features=None, kernel=3, norm=synthetic_plans.INSTANCE_NORM, n_dec=1):
+    """arch_kwargs as an nnU-Net plans file holds them (small widths, two convolutions per stage)."""
+    return synthetic_plans.arch_kwargs(strides, features, n_conv=2, n_conv_decoder=n_dec, kernel=kernel, norm=norm)
 
 
 def resenc_kwargs(strides):
-    n = len(strides)
-    return {
-        "n_stages": n,
-        "features_per_stage": [min(8 * 2**i, 64) for i in range(n)],
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3] for _ in range(n)],
-        "strides": strides,
-        "n_blocks_per_stage": [1] * n,
-        "n_conv_per_stage_decoder": [1] * (n - 1),
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
+    return synthetic_plans.arch_kwargs(strides, arch=RESENC)
 
 
 def build_cnn(kwargs, in_ch=1, out_ch=None, arch=PLAIN, deep_supervision=False, seed=0):

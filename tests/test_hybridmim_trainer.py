@@ -19,7 +19,6 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_topomae.architectures.hybridmim_net import HybridMIMNetwork
-from nnunet_topomae.losses.contrastive import nt_xent
 from nnunet_topomae.losses.contrastive import gather_with_grad, nt_xent
 from nnunet_topomae.trainers.hybridmim_pretrain import nnUNetTrainerHybridMIMPretrain
 from nnunet_topomae.trainers.hybridmim_variants import (
@@ -27,6 +26,7 @@ from nnunet_topomae.trainers.hybridmim_variants import (
     nnUNetTrainerHybridMIMPretrain_noPartial,
     nnUNetTrainerHybridMIMPretrain_noPerception,
 )
+from nnunet_topomae.utils import synthetic_plans
 from nnunet_topomae.utils.checkpoint import state_dict_to_cpu
 
 
@@ -40,8 +40,7 @@ class _ZeroWeights(nnUNetTrainerHybridMIMPretrain):
 ALL_TRAINERS = [nnUNetTrainerHybridMIMPretrain, nnUNetTrainerHybridMIMPretrain_noPartial,
                 nnUNetTrainerHybridMIMPretrain_noContrast, nnUNetTrainerHybridMIMPretrain_noPerception,
                 _ZeroWeights]
-PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+PLAIN, RESENC = synthetic_plans.PLAIN, synthetic_plans.RESENC
 ISO = ((32, 32, 32), [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]])
 ANISO = ((12, 48, 48), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]])  # last stride [1,2,2]: 4 cubes
 HEADS = ("perception_count.", "perception_position.", "projection.")
@@ -56,55 +55,8 @@ def _few_threads():
 
 
 def make_plans(patch, strides, arch=PLAIN, features=(8, 16, 32, 48), batch_size=2, channels=1):
-    n = len(strides)
-    kw = {
-        "n_stages": n,
-        "features_per_stage": list(features[:n]),
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3] for _ in range(n)],
-        "strides": strides,
-        "n_conv_per_stage_decoder": [1] * (n - 1),
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
-    kw["n_blocks_per_stage" if arch == RESENC else "n_conv_per_stage"] = [1 if arch == RESENC else 2] * n
-    return {
-        "dataset_name": "Dataset990_HybridUnit",
-        "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
-        "original_median_shape_after_transp": [64, 64, 64],
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {},
-        "configurations": {"3d_fullres": {
-            "data_identifier": "nnUNetPlans_3d_fullres",
-            "preprocessor_name": "DefaultPreprocessor",
-            "batch_size": batch_size,
-            "patch_size": list(patch),
-            "median_image_size_in_voxels": [64, 64, 64],
-            "spacing": [1.0, 1.0, 1.0],
-            "normalization_schemes": ["ZScoreNormalization"] * channels,
-            "use_mask_for_norm": [False] * channels,
-            "resampling_fn_data": "resample_data_or_seg_to_shape",
-            "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                   "force_separate_z": None},
-            "architecture": {"network_class_name": arch, "arch_kwargs": kw,
-                             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
-            "batch_dice": False,
-        }},
-    }
+    return synthetic_plans.plans(patch, strides, features, arch, batch_size, channels,
+                                 dataset_name="Dataset990_HybridUnit", n_conv=1 if arch == RESENC else 2)
 
 
 DATASET_JSON = {"channel_names": {"0": "MR"}, "labels": {"background": 0, "a": 1, "b": 2},

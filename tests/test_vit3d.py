@@ -21,9 +21,9 @@ from nnunet_topomae.losses.topomae_loss import TopoMAELoss
 from nnunet_topomae.masking.token_masking import random_token_mask
 from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrain
 from nnunet_topomae.trainers.variants import nnUNetTrainerMAEPretrain
+from nnunet_topomae.utils import synthetic_plans
 
-PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+PLAIN, REQ_IMPORT = synthetic_plans.PLAIN, synthetic_plans.REQ_IMPORT
 ANISO = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
 
 
@@ -36,14 +36,7 @@ def _few_threads():
 
 
 def plain_kwargs(strides, features):
-    n = len(strides)
-    return {
-        "n_stages": n, "features_per_stage": features, "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3]] * n, "strides": strides, "n_conv_per_stage": [1] * n,
-        "n_conv_per_stage_decoder": [1] * (n - 1), "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
-    }
+    return synthetic_plans.arch_kwargs(strides, features)
 
 
 def small_cnn(strides, in_ch, deep_supervision=True):

@@ -77,3 +77,33 @@ def test_a_segmentation_checkpoint_is_refused_in_one_line(finetune_run, nnunet_d
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
     assert "is not an nnunet-topomae pretraining checkpoint" in res.stderr.strip().splitlines()[-1]
+
+
+def test_find_best_configuration_and_ensemble(finetune_run, nnunet_dataset, tmp_path):
+    """nnU-Net's model selection reads the hybrid's cross-validation results, and nnUNetv2_ensemble
+    averages its saved probabilities (here: with and without test-time mirroring)."""
+    _, folder = finetune_run
+    env = nnunet_dataset.env()
+    did = str(nnunet_dataset.dataset_id)
+    if not os.path.isfile(os.path.join(folder, "validation", "summary.json")):
+        train(nnunet_dataset, TRAINER, extra_args=["--val"])
+    run([console_script("nnUNetv2_find_best_configuration"), did, "-c", "3d_fullres", "-tr", TRAINER, "-f", "0",
+         "-np", "1", "--disable_ensembling"], env)
+    dataset_results = os.path.dirname(os.path.dirname(folder))
+    instructions = open(os.path.join(dataset_results, "inference_instructions.txt")).read()
+    assert TRAINER in instructions and "nnUNetv2_predict" in instructions
+
+    splits = json.load(open(os.path.join(nnunet_dataset.preprocessed_dataset, "splits_final.json")))
+    case = splits[0]["val"][0]
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    shutil.copy(os.path.join(nnunet_dataset.raw, nnunet_dataset.dataset_name, "imagesTr", f"{case}_0000.nii.gz"), imgs)
+    outs = []
+    for name, extra in (("tta", []), ("notta", ["--disable_tta"])):
+        out = tmp_path / name
+        run([console_script("nnUNetv2_predict"), "-i", imgs, "-o", out, "-d", did, "-c", "3d_fullres", "-tr", TRAINER,
+             "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--save_probabilities"] + extra, env)
+        assert (out / f"{case}.npz").is_file()
+        outs.append(str(out))
+    run([console_script("nnUNetv2_ensemble"), "-i", *outs, "-o", tmp_path / "ens", "-np", "1"], env)
+    assert (tmp_path / "ens" / f"{case}.nii.gz").is_file()
