@@ -156,7 +156,7 @@ def main() -> int:
 
     results_path = os.path.join(out, "results.json")
     results: List[dict] = json.load(open(results_path)) if os.path.isfile(results_path) else []
-    done = {(r["arm"], str(r["labelled_cases"]), r["seed"]) for r in results}
+    done = {(r["arm"], str(r.get("subset", r["labelled_cases"])), r["seed"]) for r in results}
     res_root = os.path.join(env["nnUNet_results"], name)
     train = lambda tr, fold: [nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(fold), "-p", plans,
                               "-tr", tr, "-device", args.device]
@@ -192,7 +192,7 @@ def main() -> int:
                 m = json.load(f)
             dice = {k: v["Dice"] for k, v in m["mean"].items()}
             n_lab = len(split_info["subsets"][str(labelled)])
-            results.append(dict(arm=arm, labelled_cases=n_lab, labels_fraction=round(n_lab / split_info["n_train"], 4),
+            results.append(dict(arm=arm, subset=str(labelled), labelled_cases=n_lab, labels_fraction=round(n_lab / split_info["n_train"], 4),
                                 seed=seed, dice=dice, mean_dice=float(m["foreground_mean"]["Dice"]),
                                 steps=tier["finetune_steps"], pretrain_steps=tier["pretrain_steps"] if pre else 0,
                                 train_seconds=round(t_train, 1), fold=fold, tier=args.tier, device=args.device))
