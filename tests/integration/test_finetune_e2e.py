@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from integration.helpers import console_script, output_folder, run, train
+from integration.helpers import INTERRUPT_ENV, INTERRUPT_EXIT_CODE, console_script, output_folder, run, train
 
 pytestmark = pytest.mark.integration
 TRAINER = "nnUNetTrainerTopoMAEFinetune_test"
@@ -107,3 +107,23 @@ def test_find_best_configuration_and_ensemble(finetune_run, nnunet_dataset, tmp_
         outs.append(str(out))
     run([console_script("nnUNetv2_ensemble"), "-i", *outs, "-o", tmp_path / "ens", "-np", "1"], env)
     assert (tmp_path / "ens" / f"{case}.nii.gz").is_file()
+
+
+def test_continue_after_an_interruption_keeps_the_pretrained_record(nnunet_dataset, topomae_pretrain_run):
+    """Killed after epoch 0 (os._exit, like a cancelled job), ``--c`` resumes at epoch 1 from
+    checkpoint_latest.pth with the optimiser and the record of which pretraining it started from."""
+    results = nnunet_dataset.fresh_results("finetune_continue")
+    fold = output_folder(results, nnunet_dataset.dataset_name, TRAINER)
+    first = train(nnunet_dataset, TRAINER, env=nnunet_dataset.env(nnUNet_results=results, **{INTERRUPT_ENV: "0"}),
+                  extra_args=["-pretrained_weights", topomae_pretrain_run.checkpoint_final],
+                  check=False, check_leftovers=False)
+    assert first.returncode == INTERRUPT_EXIT_CODE, first.stderr[-2000:]
+    latest = _load(os.path.join(fold, "checkpoint_latest.pth"))
+    assert latest["current_epoch"] == 1 and not os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+    train(nnunet_dataset, TRAINER, extra_args=["--c"], env=nnunet_dataset.env(nnUNet_results=results))
+    final = _load(os.path.join(fold, "checkpoint_final.pth"))
+    assert final["current_epoch"] == 2
+    assert final["pretrained_from"]["trainer"] == topomae_pretrain_run.trainer
+    assert any(not torch.equal(final["network_weights"][k], latest["network_weights"][k])
+               for k in latest["network_weights"])
+    assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
