@@ -57,6 +57,7 @@ def write_trainer_shims(folder: str, tier: dict) -> Dict[str, str]:
     """Budgeted subclasses of every trainer, as a module nnU-Net imports (an nnUNet_extTrainer folder)."""
     os.makedirs(folder, exist_ok=True)
     pe, fe, it = tier["pretrain_steps"] // tier["iters"], tier["finetune_steps"] // tier["iters"], tier["iters"]
+    save_every = 5  # checkpoint_latest.pth every 5 epochs, so that a stopped benchmark loses little (--c)
     names, lines = {}, ["import torch", "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer",
                         "from nnunet_topomae.trainers import *", ""]
     for pre, fine in ARMS.values():
@@ -64,14 +65,17 @@ def write_trainer_shims(folder: str, tier: dict) -> Dict[str, str]:
             names[pre] = f"{pre}_bench"
             lines += [f"class {names[pre]}({pre}):", f"    pretrain_epochs = {pe}",
                       f"    pretrain_iterations_per_epoch = {it}", "    pretrain_val_iterations_per_epoch = 5",
-                      f"    warmup_epochs = {max(1, pe // 20)}", f"    preview_every = {max(1, pe // 5)}", ""]
+                      f"    warmup_epochs = {max(1, pe // 20)}", f"    preview_every = {max(1, pe // 5)}",
+                      "    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):",
+                      "        super().__init__(plans, configuration, fold, dataset_json, device)",
+                      f"        self.save_every = {save_every}", ""]
         if fine not in names:
             names[fine] = f"{fine}_bench"
             lines += [f"class {names[fine]}({fine}):",
                       "    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):",
                       "        super().__init__(plans, configuration, fold, dataset_json, device)",
                       f"        self.num_epochs = {fe}", f"        self.num_iterations_per_epoch = {it}",
-                      "        self.num_val_iterations_per_epoch = 5", ""]
+                      "        self.num_val_iterations_per_epoch = 5", f"        self.save_every = {save_every}", ""]
     with open(os.path.join(folder, "nnunet_topomae_bench_trainers.py"), "w") as f:
         f.write("\n".join(lines))
     return names
@@ -128,6 +132,11 @@ def write_splits(pre_dir: str, seeds: int) -> Dict:
             "fold_of": folds, "n_train": len(base["train"]), "val": base["val"]}
 
 
+def _continue(fold_dir: str) -> List[str]:
+    """``--c`` if an interrupted training left a checkpoint_latest.pth in ``fold_dir``."""
+    return ["--c"] if os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth")) else []
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--raw", required=True, help="MSD task folder (imagesTr, labelsTr, dataset.json) or nnU-Net raw dataset")
@@ -175,7 +184,7 @@ def main() -> int:
                 ckpt = os.path.join(res_root, f"{names[pre]}__{plans}__3d_fullres", "fold_0", "checkpoint_final.pth")
                 if not os.path.isfile(ckpt):
                     print(f"[{time.time() - t_all:6.0f} s] pretraining {names[pre]} on fold 0's training images", flush=True)
-                    run(train(names[pre], 0), env, log, echo=epoch_echo())
+                    run(train(names[pre], 0) + _continue(os.path.dirname(ckpt)), env, log, echo=epoch_echo())
                 extra = ["-pretrained_weights", ckpt]
             fold = split_info["fold_of"][(str(labelled), seed)]
             print(f"[{time.time() - t_all:6.0f} s] {arm}: {names[fine]}, {labelled} labelled cases, seed {seed} (fold {fold})",
@@ -185,8 +194,9 @@ def main() -> int:
             if not os.path.isfile(summary):
                 if os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
                     run(train(names[fine], fold) + ["--val"], env, log)
-                else:
-                    run(train(names[fine], fold) + extra, env, log, echo=epoch_echo())
+                else:  # a run stopped half-way continues from its checkpoint_latest.pth (nnU-Net's --c)
+                    resume = _continue(folder)
+                    run(train(names[fine], fold) + (resume or extra), env, log, echo=epoch_echo())
             t_train = time.time() - t0
             with open(summary) as f:
                 m = json.load(f)
