@@ -34,6 +34,8 @@ ARMS = {  # arm -> (pretraining trainer or None, finetuning trainer)
     "topomae": ("nnUNetTrainerTopoMAEPretrain", "nnUNetTrainerTopoMAEFinetune"),
     "topomae_notopo": ("nnUNetTrainerTopoMAEPretrain_noTopo", "nnUNetTrainerTopoMAEFinetune"),
     "hybridmim": ("nnUNetTrainerHybridMIMPretrain", "nnUNetTrainer"),
+    # not one of the six arms: nnU-Net's warm-up trainer on the same HybridMIM weights
+    "hybridmim_warmup": ("nnUNetTrainerHybridMIMPretrain", "nnUNetTrainerHybridMIMFinetune"),
 }
 
 # tier -> schedule and which (arm, labelled, seeds) runs
@@ -43,7 +45,8 @@ TIERS = {
     "cpu": dict(pretrain_steps=1000, finetune_steps=1500, iters=50, plans="cpu",
                 runs=[("scratch_nnunet", 5, 3), ("topomae", 5, 3), ("scratch_hybrid", 5, 1), ("mae", 5, 1),
                       ("topomae_notopo", 5, 1), ("hybridmim", 5, 1), ("scratch_nnunet", 20, 1),
-                      ("topomae", 20, 1), ("scratch_nnunet", "all", 1), ("topomae", "all", 1)]),
+                      ("topomae", 20, 1), ("scratch_nnunet", "all", 1), ("topomae", "all", 1),
+                      ("hybridmim_warmup", 5, 1)]),
     "full": dict(pretrain_steps=250 * 1000, finetune_steps=250 * 1000, iters=250, plans="default",
                  runs=[(a, n, 3 if a in ("scratch_nnunet", "topomae") and n == 5 else 1)
                        for a in ARMS for n in (5,)] + [(a, n, 1) for a in ("scratch_nnunet", "topomae")

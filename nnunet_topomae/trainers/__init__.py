@@ -5,6 +5,7 @@ from nnunet_topomae.trainers.demo_variants import (
     nnUNetTrainerTopoMAEPretrain_demo,
     nnUNetTrainerTopoMAEPretrain_demoLong,
 )
+from nnunet_topomae.trainers.hybridmim_finetune import nnUNetTrainerHybridMIMFinetune
 from nnunet_topomae.trainers.hybridmim_pretrain import nnUNetTrainerHybridMIMPretrain
 from nnunet_topomae.trainers.hybridmim_variants import (
     nnUNetTrainerHybridMIMPretrain_noContrast,
@@ -35,5 +36,6 @@ __all__ = [
     "nnUNetTrainerHybridMIMPretrain_noPartial",
     "nnUNetTrainerHybridMIMPretrain_noContrast",
     "nnUNetTrainerHybridMIMPretrain_noPerception",
+    "nnUNetTrainerHybridMIMFinetune",
 ]
 PUBLIC_TRAINERS = list(__all__)
