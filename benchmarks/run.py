@@ -213,20 +213,23 @@ def main() -> int:
             with open(results_path, "w") as f:
                 json.dump(results, f, indent=1)
             print(f"    mean Dice {results[-1]['mean_dice']:.4f} {dice}", flush=True)
+            write_report(results, out, quiet=True)  # partial tables while a long benchmark runs
     write_report(results, out)
     return 0
 
 
-def write_report(results: List[dict], out: str) -> None:
+def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     groups: Dict = {}
     for r in results:
         groups.setdefault((r["arm"], r["labelled_cases"]), []).append(r["mean_dice"])
-    lines = ["| arm | labelled cases | runs | mean Dice (mean over seeds) | per seed |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| arm | labelled cases | runs | mean Dice (mean over seeds) | spread (max - min) | per seed |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for (arm, n), v in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        lines.append(f"| {arm} | {n} | {len(v)} | {np.mean(v):.4f} | {', '.join(f'{x:.4f}' for x in v)} |")
+        spread = f"{max(v) - min(v):.4f}" if len(v) > 1 else "-"
+        lines.append(f"| {arm} | {n} | {len(v)} | {np.mean(v):.4f} | {spread} | {', '.join(f'{x:.4f}' for x in v)} |")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -245,7 +248,8 @@ def write_report(results: List[dict], out: str) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "results.png"), dpi=90)
     plt.close(fig)
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
