@@ -56,14 +56,20 @@ CPU_PLANS = dict(batch_size=2, features=[16, 32, 64, 128])
 DATASET_ID = 950
 
 
-def write_trainer_shims(folder: str, tier: dict) -> Dict[str, str]:
+def finetune_name(arm: str, fine: str) -> str:
+    # the anchor and the product keep the names of the first benchmark versions, so their finished
+    # runs stay valid; every other arm gets its own class
+    return f"{fine}_bench" if arm in ("scratch_nnunet", "topomae") else f"{fine}_bench_{arm}"
+
+
+def write_trainer_shims(folder: str, tier: dict) -> Dict:
     """Budgeted subclasses of every trainer, as a module nnU-Net imports (an nnUNet_extTrainer folder)."""
     os.makedirs(folder, exist_ok=True)
     pe, fe, it = tier["pretrain_steps"] // tier["iters"], tier["finetune_steps"] // tier["iters"], tier["iters"]
     save_every = 5  # checkpoint_latest.pth every 5 epochs, so that a stopped benchmark loses little (--c)
     names, lines = {}, ["import torch", "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer",
                         "from nnunet_topomae.trainers import *", ""]
-    for pre, fine in ARMS.values():
+    for arm, (pre, fine) in ARMS.items():
         if pre and pre not in names:
             names[pre] = f"{pre}_bench"
             lines += [f"class {names[pre]}({pre}):", f"    pretrain_epochs = {pe}",
@@ -72,13 +78,14 @@ def write_trainer_shims(folder: str, tier: dict) -> Dict[str, str]:
                       "    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):",
                       "        super().__init__(plans, configuration, fold, dataset_json, device)",
                       f"        self.save_every = {save_every}", ""]
-        if fine not in names:
-            names[fine] = f"{fine}_bench"
-            lines += [f"class {names[fine]}({fine}):",
-                      "    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):",
-                      "        super().__init__(plans, configuration, fold, dataset_json, device)",
-                      f"        self.num_epochs = {fe}", f"        self.num_iterations_per_epoch = {it}",
-                      "        self.num_val_iterations_per_epoch = 5", f"        self.save_every = {save_every}", ""]
+        # one finetuning class (hence one results folder) per arm: arms sharing a finetuning trainer
+        # (scratch_hybrid, mae, topomae, topomae_notopo) must not find each other's runs
+        names[("fine", arm)] = finetune_name(arm, fine)
+        lines += [f"class {names[('fine', arm)]}({fine}):",
+                  "    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):",
+                  "        super().__init__(plans, configuration, fold, dataset_json, device)",
+                  f"        self.num_epochs = {fe}", f"        self.num_iterations_per_epoch = {it}",
+                  "        self.num_val_iterations_per_epoch = 5", f"        self.save_every = {save_every}", ""]
     with open(os.path.join(folder, "nnunet_topomae_bench_trainers.py"), "w") as f:
         f.write("\n".join(lines))
     return names
@@ -190,16 +197,16 @@ def main() -> int:
                     run(train(names[pre], 0) + _continue(os.path.dirname(ckpt)), env, log, echo=epoch_echo())
                 extra = ["-pretrained_weights", ckpt]
             fold = split_info["fold_of"][(str(labelled), seed)]
-            print(f"[{time.time() - t_all:6.0f} s] {arm}: {names[fine]}, {labelled} labelled cases, seed {seed} (fold {fold})",
+            print(f"[{time.time() - t_all:6.0f} s] {arm}: {names[('fine', arm)]}, {labelled} labelled cases, seed {seed} (fold {fold})",
                   flush=True)
-            folder = os.path.join(res_root, f"{names[fine]}__{plans}__3d_fullres", f"fold_{fold}")
+            folder = os.path.join(res_root, f"{names[('fine', arm)]}__{plans}__3d_fullres", f"fold_{fold}")
             summary = os.path.join(folder, "validation", "summary.json")
             if not os.path.isfile(summary):
                 if os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
-                    run(train(names[fine], fold) + ["--val"], env, log)
+                    run(train(names[('fine', arm)], fold) + ["--val"], env, log)
                 else:  # a run stopped half-way continues from its checkpoint_latest.pth (nnU-Net's --c)
                     resume = _continue(folder)
-                    run(train(names[fine], fold) + (resume or extra), env, log, echo=epoch_echo())
+                    run(train(names[('fine', arm)], fold) + (resume or extra), env, log, echo=epoch_echo())
             t_train = time.time() - t0
             with open(summary) as f:
                 m = json.load(f)

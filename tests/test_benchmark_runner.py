@@ -1,0 +1,33 @@
+"""benchmarks/run.py: every arm trains into its own results folder (arms sharing a finetuning trainer
+once found each other's finished runs and reported them as their own)."""
+import ast
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def runner():
+    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(ROOT, "benchmarks", "run.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("tier", ["quick", "cpu", "full"])
+def test_every_arm_has_its_own_finetuning_class(runner, tier, tmp_path):
+    names = runner.write_trainer_shims(str(tmp_path), runner.TIERS[tier])
+    arms = {arm for arm, _, _ in runner.TIERS[tier]["runs"]}
+    fine = [names[("fine", arm)] for arm in arms]
+    assert len(set(fine)) == len(fine), fine
+    source = (tmp_path / "nnunet_topomae_bench_trainers.py").read_text()
+    classes = [n.name for n in ast.parse(source).body if isinstance(n, ast.ClassDef)]
+    assert len(classes) == len(set(classes))
+    assert set(fine) <= set(classes)
+    # the anchor and the product keep their first names, so finished runs stay valid
+    assert names[("fine", "scratch_nnunet")] == "nnUNetTrainer_bench"
+    if "topomae" in arms:
+        assert names[("fine", "topomae")] == "nnUNetTrainerTopoMAEFinetune_bench"
