@@ -36,6 +36,8 @@ ARMS = {  # arm -> (pretraining trainer or None, finetuning trainer)
     "hybridmim": ("nnUNetTrainerHybridMIMPretrain", "nnUNetTrainer"),
     # not one of the issue's six arms: nnU-Net's warm-up trainer on the same HybridMIM weights
     "hybridmim_warmup": ("nnUNetTrainerHybridMIMPretrain", "nnUNetTrainerHybridMIMFinetune"),
+    # transfer-recipe attempt (docs/BENCHMARKS.md): TopoMAE weights, pretrained CNN at 0.3x the learning rate
+    "topomae_lowcnnlr": ("nnUNetTrainerTopoMAEPretrain", "nnUNetTrainerTopoMAEFinetune_lowCNNlr"),
 }
 
 # tier -> schedule and which (arm, labelled, seeds) runs
@@ -43,10 +45,11 @@ TIERS = {
     "quick": dict(pretrain_steps=1000, finetune_steps=1000, iters=50, plans="cpu",
                   runs=[("scratch_nnunet", 5, 1), ("topomae", 5, 1)]),
     "cpu": dict(pretrain_steps=1000, finetune_steps=1500, iters=50, plans="cpu",
-                runs=[("scratch_nnunet", 5, 3), ("topomae", 5, 3), ("scratch_hybrid", 5, 1), ("mae", 5, 1),
-                      ("topomae_notopo", 5, 1), ("hybridmim", 5, 1), ("scratch_nnunet", 20, 1),
-                      ("topomae", 20, 1), ("scratch_nnunet", "all", 1), ("topomae", "all", 1),
-                      ("hybridmim_warmup", 5, 1)]),
+                runs=[("scratch_nnunet", 5, 3), ("topomae", 5, 3), ("topomae_lowcnnlr", 5, 1),
+                      ("scratch_hybrid", 5, 1), ("mae", 5, 1),
+                      ("topomae_notopo", 5, 1), ("hybridmim", 5, 1), ("hybridmim_warmup", 5, 1),
+                      ("scratch_nnunet", 20, 1), ("topomae", 20, 1), ("scratch_nnunet", "all", 1),
+                      ("topomae", "all", 1)]),
     "full": dict(pretrain_steps=250 * 1000, finetune_steps=250 * 1000, iters=250, plans="default",
                  runs=[(a, n, 3 if a in ("scratch_nnunet", "topomae") and n == 5 else 1)
                        for a in ARMS for n in (5,)] + [(a, n, 1) for a in ("scratch_nnunet", "topomae")
@@ -54,6 +57,13 @@ TIERS = {
 }
 CPU_PLANS = dict(batch_size=2, features=[16, 32, 64, 128])
 DATASET_ID = 950
+
+
+def run_order(runs) -> List[tuple]:
+    """(arm, labelled, seed) breadth first: every arm's seed 0 before any second seed, so a benchmark
+    stopped part-way has already measured every arm once (the order of `runs` is kept within a seed)."""
+    flat = [(arm, labelled, seed) for arm, labelled, seeds in runs for seed in range(seeds)]
+    return sorted(flat, key=lambda r: r[2])
 
 
 def finetune_name(arm: str, fine: str) -> str:
@@ -180,47 +190,49 @@ def main() -> int:
     train = lambda tr, fold: [nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(fold), "-p", plans,
                               "-tr", tr, "-device", args.device]
     t_all = time.time()
-    for arm, labelled, seeds in tier["runs"]:
+    for arm, labelled, seed in run_order(tier["runs"]):
         if args.only and arm not in args.only:
             continue
         pre, fine = ARMS[arm]
-        for seed in range(seeds):
-            key = (arm, str(labelled), seed)
-            if key in done:
-                continue
-            t0 = time.time()
-            extra = []
-            if pre is not None:
-                ckpt = os.path.join(res_root, f"{names[pre]}__{plans}__3d_fullres", "fold_0", "checkpoint_final.pth")
-                if not os.path.isfile(ckpt):
-                    print(f"[{time.time() - t_all:6.0f} s] pretraining {names[pre]} on fold 0's training images", flush=True)
-                    run(train(names[pre], 0) + _continue(os.path.dirname(ckpt)), env, log, echo=epoch_echo())
-                extra = ["-pretrained_weights", ckpt]
-            fold = split_info["fold_of"][(str(labelled), seed)]
-            print(f"[{time.time() - t_all:6.0f} s] {arm}: {names[('fine', arm)]}, {labelled} labelled cases, seed {seed} (fold {fold})",
-                  flush=True)
-            folder = os.path.join(res_root, f"{names[('fine', arm)]}__{plans}__3d_fullres", f"fold_{fold}")
-            summary = os.path.join(folder, "validation", "summary.json")
-            if not os.path.isfile(summary):
-                if os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
-                    run(train(names[('fine', arm)], fold) + ["--val"], env, log)
-                else:  # a run stopped half-way continues from its checkpoint_latest.pth (nnU-Net's --c)
-                    resume = _continue(folder)
-                    run(train(names[('fine', arm)], fold) + (resume or extra), env, log, echo=epoch_echo())
-            t_train = time.time() - t0
-            with open(summary) as f:
-                m = json.load(f)
-            dice = {k: v["Dice"] for k, v in m["mean"].items()}
-            n_lab = len(split_info["subsets"][str(labelled)])
-            results.append(dict(arm=arm, subset=str(labelled), labelled_cases=n_lab, labels_fraction=round(n_lab / split_info["n_train"], 4),
-                                seed=seed, dice=dice, mean_dice=float(m["foreground_mean"]["Dice"]),
-                                steps=tier["finetune_steps"], pretrain_steps=tier["pretrain_steps"] if pre else 0,
-                                train_seconds=round(t_train, 1), fold=fold, tier=args.tier, device=args.device))
-            done.add(key)
-            with open(results_path, "w") as f:
-                json.dump(results, f, indent=1)
-            print(f"    mean Dice {results[-1]['mean_dice']:.4f} {dice}", flush=True)
-            write_report(results, out, quiet=True)  # partial tables while a long benchmark runs
+        key = (arm, str(labelled), seed)
+        if key in done:
+            continue
+        extra, t_pre = [], 0.0
+        if pre is not None:
+            ckpt = os.path.join(res_root, f"{names[pre]}__{plans}__3d_fullres", "fold_0", "checkpoint_final.pth")
+            if not os.path.isfile(ckpt):
+                print(f"[{time.time() - t_all:6.0f} s] pretraining {names[pre]} on fold 0's training images", flush=True)
+                t_pre = time.time()
+                run(train(names[pre], 0) + _continue(os.path.dirname(ckpt)), env, log, echo=epoch_echo())
+                t_pre = time.time() - t_pre
+            extra = ["-pretrained_weights", ckpt]
+        fold = split_info["fold_of"][(str(labelled), seed)]
+        print(f"[{time.time() - t_all:6.0f} s] {arm}: {names[('fine', arm)]}, {labelled} labelled cases, seed {seed} (fold {fold})",
+              flush=True)
+        t0 = time.time()
+        folder = os.path.join(res_root, f"{names[('fine', arm)]}__{plans}__3d_fullres", f"fold_{fold}")
+        summary = os.path.join(folder, "validation", "summary.json")
+        if not os.path.isfile(summary):
+            if os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
+                run(train(names[('fine', arm)], fold) + ["--val"], env, log)
+            else:  # a run stopped half-way continues from its checkpoint_latest.pth (nnU-Net's --c)
+                resume = _continue(folder)
+                run(train(names[('fine', arm)], fold) + (resume or extra), env, log, echo=epoch_echo())
+        t_train = time.time() - t0
+        with open(summary) as f:
+            m = json.load(f)
+        dice = {k: v["Dice"] for k, v in m["mean"].items()}
+        n_lab = len(split_info["subsets"][str(labelled)])
+        results.append(dict(arm=arm, subset=str(labelled), labelled_cases=n_lab, labels_fraction=round(n_lab / split_info["n_train"], 4),
+                            seed=seed, dice=dice, mean_dice=float(m["foreground_mean"]["Dice"]),
+                            steps=tier["finetune_steps"], pretrain_steps=tier["pretrain_steps"] if pre else 0,
+                            train_seconds=round(t_train, 1),
+                            pretrain_seconds=round(t_pre, 1), fold=fold, tier=args.tier, device=args.device))
+        done.add(key)
+        with open(results_path, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"    mean Dice {results[-1]['mean_dice']:.4f} {dice}", flush=True)
+        write_report(results, out, quiet=True)  # partial tables while a long benchmark runs
     write_report(results, out)
     return 0
 

@@ -31,3 +31,12 @@ def test_every_arm_has_its_own_finetuning_class(runner, tier, tmp_path):
     assert names[("fine", "scratch_nnunet")] == "nnUNetTrainer_bench"
     if "topomae" in arms:
         assert names[("fine", "topomae")] == "nnUNetTrainerTopoMAEFinetune_bench"
+
+
+def test_run_order_measures_every_arm_once_before_repeating_seeds(runner):
+    order = runner.run_order(runner.TIERS["cpu"]["runs"])
+    expected = sum(s for _, _, s in runner.TIERS["cpu"]["runs"])
+    assert len(order) == len(set(order)) == expected
+    first_repeat = next(i for i, r in enumerate(order) if r[2] > 0)
+    assert {a for a, _, _ in order[:first_repeat]} == set(runner.ARMS)
+    assert all(r[2] == 0 for r in order[:first_repeat])

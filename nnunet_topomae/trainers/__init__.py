@@ -16,6 +16,7 @@ from nnunet_topomae.trainers.topomae_finetune import nnUNetTrainerTopoMAEFinetun
 from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrain
 from nnunet_topomae.trainers.variants import (
     nnUNetTrainerMAEPretrain,
+    nnUNetTrainerTopoMAEFinetune_lowCNNlr,
     nnUNetTrainerTopoMAEPretrain_noSpatial,
     nnUNetTrainerTopoMAEPretrain_noTopo,
     nnUNetTrainerTopoMAEPretrain_ViTB,
@@ -28,6 +29,7 @@ __all__ = [
     "nnUNetTrainerTopoMAEPretrain_ViTB",
     "nnUNetTrainerMAEPretrain",
     "nnUNetTrainerTopoMAEFinetune",
+    "nnUNetTrainerTopoMAEFinetune_lowCNNlr",
     "nnUNetTrainerTopoMAEPretrain_demo",
     "nnUNetTrainerTopoMAEFinetune_demo",
     "nnUNetTrainerTopoMAEPretrain_demoLong",

@@ -32,6 +32,8 @@ class nnUNetTrainerTopoMAEFinetune(TopoMAETrainerMixin, nnUNetTrainer):
     max_token: int = 16
     finetune_lr: float = 1e-3
     vit_lr_scale: float = 0.3
+    # pretrained CNN (encoder and decoder); fusion layers and segmentation heads always get the full rate
+    cnn_lr_scale: float = 1.0
     finetune_weight_decay: float = 1e-4
     vit_weight_decay: float = 0.05
     warmup_fraction: float = 0.05
@@ -73,7 +75,7 @@ class nnUNetTrainerTopoMAEFinetune(TopoMAETrainerMixin, nnUNetTrainer):
             is_vit = name == "vit"
             decay = [p for p in params if p.ndim > 1]
             no_decay = [p for p in params if p.ndim <= 1]
-            scale = self.vit_lr_scale if is_vit else 1.0
+            scale = {"vit": self.vit_lr_scale, "cnn": self.cnn_lr_scale}.get(name, 1.0)
             wd = self.vit_weight_decay if is_vit else self.weight_decay
             groups += [{"params": decay, "weight_decay": wd, "lr_scale": scale, "name": f"{name}"},
                        {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale, "name": f"{name}_no_decay"}]

@@ -1,4 +1,5 @@
 """Baselines, ablations and presets: one change per subclass, as in nnU-Net's ``variants/``."""
+from nnunet_topomae.trainers.topomae_finetune import nnUNetTrainerTopoMAEFinetune
 from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrain
 
 
@@ -22,3 +23,9 @@ class nnUNetTrainerMAEPretrain(nnUNetTrainerTopoMAEPretrain):
 class nnUNetTrainerTopoMAEPretrain_ViTB(nnUNetTrainerTopoMAEPretrain):
     """ViT-B encoder (768-d, 12 blocks) with a 384-d decoder, as in Zhou et al. 2023; GPU-sized."""
     vit_preset = "base"
+
+
+class nnUNetTrainerTopoMAEFinetune_lowCNNlr(nnUNetTrainerTopoMAEFinetune):
+    """Transfer recipe: the pretrained CNN learns at 0.3x the rate of the new layers (as the ViT does),
+    so that 5 labelled cases move the pretrained features less."""
+    cnn_lr_scale = 0.3
