@@ -1,6 +1,6 @@
 """Persistence backends and the machinery that moves persistence off the training step.
 
-- gudhi (the reference) and cripser (optional, GPL-3.0, not installed in CI) give the same diagrams
+- gudhi (the reference) and cripser (optional, GPL-3.0; CI installs it through the `fast` extra) give the same diagrams
   and the same topological loss. Pairs may differ where voxels tie (each library picks its own
   creator/destroyer voxel), values may not. Tests needing cripser are skipped without it.
 - ``PersistencePool`` gives exactly the pairs of serial ``persistence_pairs``.
@@ -26,7 +26,7 @@ from nnunet_topomae.losses.topological import (
 )
 
 CRIPSER_REASON = ("cripser is not installed: it is an optional GPL-3.0 persistence backend "
-                  "(pip install cripser); CI runs without it")
+                  "(pip install cripser); CI installs it with the fast extra")
 SHAPES = [(6, 9, 13), (16, 8, 5), (3, 17, 10), (20, 11, 2), (1, 12, 14)]
 DIMS = (0, 1, 2)
 
