@@ -164,6 +164,8 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="work and result folder (reuse it to resume)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", nargs="*", default=None, help="restrict to these arms")
+    ap.add_argument("--labelled", nargs="*", default=None,
+                    help="restrict to these labelled subsets (5, 20, all), e.g. to repeat seeds with 5 cases first")
     args = ap.parse_args()
     tier = TIERS[args.tier]
     out = os.path.abspath(args.out)
@@ -192,6 +194,8 @@ def main() -> int:
     t_all = time.time()
     for arm, labelled, seed in run_order(tier["runs"]):
         if args.only and arm not in args.only:
+            continue
+        if args.labelled and str(labelled) not in args.labelled:
             continue
         pre, fine = ARMS[arm]
         key = (arm, str(labelled), seed)

@@ -31,7 +31,7 @@ def test_schedules():
     steps = lambda c, e, i: getattr(c, e) * getattr(c, i)
     pre = steps(nnUNetTrainerTopoMAEPretrain_demo, "pretrain_epochs", "pretrain_iterations_per_epoch")
     fine = steps(nnUNetTrainerTopoMAEFinetune_demo, "finetune_epochs", "finetune_iterations_per_epoch")
-    assert (pre, fine) == (100, 240)
+    assert (pre, fine) == (100, 180)
     assert steps(nnUNetTrainerTopoMAEPretrain_demoLong, "pretrain_epochs", "pretrain_iterations_per_epoch") == 4 * pre
     assert steps(nnUNetTrainerTopoMAEFinetune_demoLong, "finetune_epochs", "finetune_iterations_per_epoch") == 4 * fine
 
