@@ -40,3 +40,17 @@ def test_run_order_measures_every_arm_once_before_repeating_seeds(runner):
     first_repeat = next(i for i, r in enumerate(order) if r[2] > 0)
     assert {a for a, _, _ in order[:first_repeat]} == set(runner.ARMS)
     assert all(r[2] == 0 for r in order[:first_repeat])
+
+
+def test_inspect_transfer_measures_relative_change_per_part():
+    spec = importlib.util.spec_from_file_location("inspect_transfer", os.path.join(ROOT, "benchmarks", "inspect_transfer.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import torch
+    pre = {"vit_encoder.blocks.0.w": torch.ones(4, 4), "cnn.encoder.stages.0.w": torch.ones(2, 3),
+           "cnn.decoder.stages.0.w": torch.ones(5), "cnn.decoder.seg_layers.0.weight": torch.ones(3)}
+    fine = {"vit_encoder.blocks.0.w": torch.ones(4, 4), "cnn.encoder.stages.0.w": 1.5 * torch.ones(2, 3),
+            "cnn.decoder.stages.0.w": -torch.ones(5), "cnn.decoder.seg_layers.0.weight": 9 * torch.ones(3)}
+    r = mod.moved(pre, fine)
+    assert r == pytest.approx({"ViT encoder": 0.0, "CNN encoder": 0.5, "CNN decoder": 2.0})
+    assert mod.part_of("cnn.decoder.seg_layers.0.weight") is None  # fresh heads are not a transferred part
