@@ -7,7 +7,8 @@ For every part of the network that finetuning takes over (ViT encoder, CNN encod
 
 - ``std / init std`` (with ``--plans``): the pretrained convolution weights' spread against a fresh
   nnU-Net initialisation of the same CNN (``InitWeights_He``); a ratio far from 1 means pretraining
-  changed the weight scale, which nnU-Net's finetuning schedule is not tuned for;
+  changed the weight scale, which nnU-Net's finetuning schedule is not tuned for (the fresh
+  initialisation is random, so the ratios vary by about 0.01 between calls);
 - ``moved``: ``||w_finetuned - w_pretrained|| / ||w_pretrained||`` per part, for each finetuning
   checkpoint (``checkpoint_latest.pth`` of a run in progress works too), i.e. how much of the
   pretrained features the labelled cases rewrote.
@@ -19,13 +20,13 @@ from collections import defaultdict
 
 import torch
 
-PARTS = (("ViT encoder", "vit_encoder."), ("CNN encoder", "cnn.encoder."), ("CNN decoder", "cnn.decoder."))
+from nnunet_topomae.transfer import pretrained_part
 
 
 def part_of(key: str):
-    if ".seg_layers." in key:
-        return None
-    return next((name for name, prefix in PARTS if key.startswith(prefix)), None)
+    """Transferred part of ``key``; None for fresh layers and for nnU-Net's ``all_modules`` aliases
+    (the same tensors as ``conv``/``norm``, which would count twice)."""
+    return None if "all_modules" in key else pretrained_part(key)
 
 
 def load(path: str) -> dict:
@@ -44,8 +45,9 @@ def init_std_ratio(pre: dict, plans_file: str) -> dict:
     ratios = defaultdict(list)
     for k, v in net.state_dict().items():
         key = "cnn." + k
-        if v.ndim == 5 and key in pre and part_of(key) and "all_modules" not in key:
-            ratios[part_of(key)].append(float(pre[key].float().std() / v.float().std()))
+        part = part_of(key)
+        if v.ndim == 5 and key in pre and part:
+            ratios[part].append(float(pre[key].float().std() / v.float().std()))
     return {p: (min(r), sum(r) / len(r), max(r)) for p, r in ratios.items()}
 
 
@@ -53,7 +55,7 @@ def moved(pre: dict, fine: dict) -> dict:
     num, den = defaultdict(float), defaultdict(float)
     for k, w in pre.items():
         p = part_of(k)
-        if p is None or k not in fine or fine[k].shape != w.shape or "all_modules" in k:
+        if p is None or k not in fine or fine[k].shape != w.shape:
             continue
         num[p] += float(((fine[k].float() - w.float()) ** 2).sum())
         den[p] += float((w.float() ** 2).sum())

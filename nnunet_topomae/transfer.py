@@ -10,7 +10,7 @@ weights the stock way).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -18,6 +18,14 @@ from nnunet_topomae.errors import UserInputError
 
 # (prefix in the finetuning network, human name); prefixes are shared with TopoMAENetwork
 PRETRAINED_PARTS = [("vit_encoder.", "ViT encoder"), ("cnn.encoder.", "CNN encoder"), ("cnn.decoder.", "CNN decoder")]
+
+
+def pretrained_part(key: str) -> Optional[str]:
+    """The pretrained part a finetuning-network key belongs to, or None for what starts fresh (fusion
+    layers, segmentation/reconstruction heads ``.seg_layers.``)."""
+    if ".seg_layers." in key:
+        return None
+    return next((name for prefix, name in PRETRAINED_PARTS if key.startswith(prefix)), None)
 
 
 def read_pretraining_checkpoint(fname: str) -> dict:
@@ -69,8 +77,8 @@ def select_transfer(model_state: Dict[str, torch.Tensor], pretrained: Dict[str, 
     missing them is broken), CNN keys may be absent as a whole (plain-MAE pretraining has no CNN)."""
     load, per_part, fresh = {}, {name: [] for _, name in PRETRAINED_PARTS}, []
     for key, value in model_state.items():
-        part = next((name for prefix, name in PRETRAINED_PARTS if key.startswith(prefix)), None)
-        if part is None or ".seg_layers." in key:
+        part = pretrained_part(key)
+        if part is None:
             fresh.append(key)
             continue
         src = pretrained.get(key)

@@ -9,12 +9,17 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def runner():
-    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(ROOT, "benchmarks", "run.py"))
+def load_script(name: str):
+    """A script of benchmarks/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return load_script("run")
 
 
 @pytest.mark.parametrize("tier", ["quick", "cpu", "full"])
@@ -43,9 +48,7 @@ def test_run_order_measures_every_arm_once_before_repeating_seeds(runner):
 
 
 def test_inspect_transfer_measures_relative_change_per_part():
-    spec = importlib.util.spec_from_file_location("inspect_transfer", os.path.join(ROOT, "benchmarks", "inspect_transfer.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("inspect_transfer")
     import torch
     pre = {"vit_encoder.blocks.0.w": torch.ones(4, 4), "cnn.encoder.stages.0.w": torch.ones(2, 3),
            "cnn.decoder.stages.0.w": torch.ones(5), "cnn.decoder.seg_layers.0.weight": torch.ones(3)}
