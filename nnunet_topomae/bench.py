@@ -93,6 +93,8 @@ def add_parser(sub) -> None:
     t.add_argument("--batch", type=_positive_int, default=2, help="batch size (default 2)")
     t.add_argument("--max-size", type=_positive_int, default=32,
                    help="volumes are average-pooled to at most this many voxels per axis (default 32)")
+    t.add_argument("--max-voxels", type=_non_negative_int, default=12288,
+                   help="voxel budget of the reduced volume (default 12288, the trainer's topo_max_voxels; 0: none)")
     t.add_argument("--max-pairs", type=_non_negative_int, default=64,
                    help="most persistent pairs per dimension kept (default 64; 0: all)")
     t.add_argument("--backend", default="gudhi", choices=["gudhi", "cripser"],
@@ -619,9 +621,9 @@ class _TopoBench:
         self.max_pairs = args.max_pairs or None
         self.image, self.recons = synthetic_volumes(batch, args.patch, args.branches, args.seed)
         self.n = len(self.recons)
-        self.reduced_shape = list(reduce_volume(self.image[:1], args.max_size).shape[2:])
+        self.reduced_shape = list(reduce_volume(self.image[:1], args.max_size, args.max_voxels or None).shape[2:])
         self.pool = pool
-        kw = dict(max_size=args.max_size, dims=self.dims, max_pairs=self.max_pairs, backend=args.backend)
+        kw = dict(max_size=args.max_size, max_voxels=args.max_voxels or None, dims=self.dims, max_pairs=self.max_pairs, backend=args.backend)
         self.loss_pool = TopologicalLoss(workers=args.workers, **kw)
         self.loss_pool._pool = pool  # share the started pool: its start-up is timed separately
         self.loss_serial = TopologicalLoss(workers=0, **kw)
@@ -635,7 +637,8 @@ class _TopoBench:
     # (a) inputs' persistence: InputPersistence per sample, as in the data-loading workers
     def inputs(self) -> float:
         from nnunet_topomae.losses.topological import InputPersistence
-        fn = InputPersistence(self.args.max_size, self.dims, self.max_pairs, self.args.backend)
+        fn = InputPersistence(self.args.max_size, self.dims, self.max_pairs, self.args.backend,
+                              max_voxels=self.args.max_voxels or None)
         t0 = time.perf_counter()
         self.target_pairs = [fn(self.image[i].numpy()) for i in range(self.batch)]
         return _ms(t0)
@@ -643,7 +646,7 @@ class _TopoBench:
     def _recon_volumes(self):
         import numpy as np
         from nnunet_topomae.losses.topological import reduce_volume
-        recon = reduce_volume(self._torch.cat(self.recons).float(), self.args.max_size)
+        recon = reduce_volume(self._torch.cat(self.recons).float(), self.args.max_size, self.args.max_voxels or None)
         arr = recon.numpy().astype(np.float64)
         return [arr[i, j] for i in range(arr.shape[0]) for j in range(arr.shape[1])]
 
@@ -668,8 +671,10 @@ class _TopoBench:
         import numpy as np
         from nnunet_topomae.losses.topological import reduce_volume, topological_loss_single
         torch = self._torch
-        recon = reduce_volume(torch.cat(self.recons).float(), self.args.max_size).requires_grad_(True)
-        target = reduce_volume(torch.cat([self.image] * self.n), self.args.max_size).numpy().astype(np.float64)
+        recon = reduce_volume(torch.cat(self.recons).float(), self.args.max_size,
+                              self.args.max_voxels or None).requires_grad_(True)
+        target = reduce_volume(torch.cat([self.image] * self.n), self.args.max_size,
+                               self.args.max_voxels or None).numpy().astype(np.float64)
         t_pairs = list(self.target_pairs) * self.n
         b, c = recon.shape[:2]
         t0 = time.perf_counter()
@@ -756,7 +761,7 @@ def measure_topo(args) -> dict:
             "benchmark": "topo",
             "patch": list(args.patch), "batch": args.batch, "branches": args.branches,
             "volumes_per_step": args.batch * args.branches, "reduced_shape": bench.reduced_shape,
-            "max_size": args.max_size, "max_pairs": args.max_pairs, "backend": args.backend,
+            "max_size": args.max_size, "max_voxels": args.max_voxels, "max_pairs": args.max_pairs, "backend": args.backend,
             "workers": args.workers, "repeats": args.repeats, "seed": args.seed,
             "pool_startup_ms": startup,
             "parts": {k: _stats(v) for k, v in parts.items()},
@@ -806,7 +811,8 @@ def format_topo_table(report: dict) -> str:
         "",
         f"topological loss per step: batch {report['batch']} x {report['branches']} branches = "
         f"{report['volumes_per_step']} reconstructions, patch {'x'.join(map(str, report['patch']))} -> reduced "
-        f"{'x'.join(map(str, report['reduced_shape']))}, max_pairs {report['max_pairs']}, backend {report['backend']}, "
+        f"{'x'.join(map(str, report['reduced_shape']))} (max_size {report['max_size']}, max_voxels "
+        f"{report['max_voxels'] or 'none'}), max_pairs {report['max_pairs']}, backend {report['backend']}, "
         f"{report['workers']} pool workers, {report['repeats']} repeats",
     ]
     head = f"{'part':62s}{'median ms':>11s}{'p10-p90 ms':>18s}  on critical path"

@@ -76,3 +76,18 @@ def test_optimisation_lowers_the_total_loss():
     for k in ("rec_vit", "rec_cnn", "topo_cnn", "rec_consistency"):
         assert history[-1][k] < history[0][k], f"{k}: {history[0][k]:.4f} -> {history[-1][k]:.4f}"
     assert elapsed < 20, f"15 steps took {elapsed:.1f} s"
+
+
+def test_trainer_gives_loss_and_data_workers_one_reduction():
+    # the inputs' diagrams (data-loading workers) and the reconstructions' (loss) must come from
+    # volumes reduced the same way, or the matching compares diagrams of different resolutions
+    from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrain
+
+    class Coarse(nnUNetTrainerTopoMAEPretrain):
+        topo_max_size, topo_max_voxels = 24, 4096
+
+    for cls in (nnUNetTrainerTopoMAEPretrain, Coarse):
+        trainer = object.__new__(cls)  # only class attributes are read
+        topo, fn = trainer._build_loss().topo_loss, trainer.persistence_fn()
+        assert (topo.max_size, topo.max_voxels) == (fn.max_size, fn.max_voxels) == (cls.topo_max_size,
+                                                                                   cls.topo_max_voxels)

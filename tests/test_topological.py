@@ -1,6 +1,7 @@
 """Tests for nnunet_topomae.losses.topological against independent references
 (gudhi run directly, brute-force matching, hand-computed values, finite differences)."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -8,10 +9,12 @@ import torch
 from gudhi import CubicalComplex
 
 from nnunet_topomae.losses.topological import (
+    InputPersistence,
     TopologicalLoss,
     diagram_from_pairs,
     persistence_pairs,
     reduce_volume,
+    reduction_kernel,
     topological_loss_single,
     wasserstein2_matching,
 )
@@ -280,6 +283,35 @@ def test_reduce_volume_shapes(shape, expected):
     assert all(s <= 32 for s in y.shape[2:])
     # Partial border windows are averaged over in-volume voxels only.
     assert torch.allclose(y, torch.ones_like(y))
+
+
+@pytest.mark.parametrize("shape,expected", [
+    ((40, 56, 40), (20, 28, 20)),     # Hippocampus: within the budget, only the per-axis cap applies
+    ((128, 128, 128), (22, 22, 22)),  # 32^3 = 32768 voxels is over budget: coarsened to 22^3
+    ((20, 160, 128), (20, 23, 26)),   # the longest reduced axis is coarsened first
+    ((16, 16, 16), (16, 16, 16)),
+])
+def test_reduce_volume_voxel_budget(shape, expected):
+    x = torch.ones(1, 1, *shape)
+    y = reduce_volume(x, max_size=32, max_voxels=12288)
+    assert tuple(y.shape[2:]) == expected
+    assert math.prod(y.shape[2:]) <= 12288
+    assert torch.allclose(y, torch.ones_like(y))
+    assert reduction_kernel(shape, 32, None) == tuple(math.ceil(s / 32) for s in shape)
+
+
+def test_topological_loss_and_input_persistence_share_the_budget():
+    torch.manual_seed(0)
+    image = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 64, 64, 64), 5, stride=1, padding=2)
+    pairs = InputPersistence(32, max_pairs=16, max_voxels=4096)(image[0].numpy())
+    reduced = reduce_volume(image, 32, 4096)
+    assert tuple(reduced.shape[2:]) == (16, 16, 16)
+    expected = persistence_pairs(reduced[0, 0].numpy().astype(np.float64), max_pairs=16)
+    assert all(np.array_equal(pairs[0][k], expected[k]) for k in expected)
+    recon = image + 0.05 * torch.randn_like(image)
+    loss = TopologicalLoss(max_size=32, max_pairs=16, max_voxels=4096)
+    with_pairs = loss(recon, image, target_pairs=[pairs]).item()
+    assert with_pairs > 0 and with_pairs == pytest.approx(loss(recon, image).item(), rel=1e-9)
 
 
 def test_reduce_volume_identity_and_grad():

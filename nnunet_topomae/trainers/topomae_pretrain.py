@@ -8,7 +8,7 @@ topological loss, the spatial pretext task and the two consistency terms (see
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -51,8 +51,10 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
     w_spatial: float = 0.1
     w_rec_consistency: float = 0.1
     w_spatial_consistency: float = 0.1
-    # topological loss: reduced copy of at most this many voxels per axis; most persistent pairs
+    # topological loss on a reduced copy: at most topo_max_size voxels per axis and topo_max_voxels in
+    # all (about 23^3: Hippocampus's 40x56x40 patch -> 20x28x20, a 128^3 patch -> 22^3); most persistent pairs
     topo_max_size: int = 32
+    topo_max_voxels: Optional[int] = 12288
     topo_max_pairs: int = 64
     topo_backend: str = "gudhi"       # 'cripser' (optional extra, GPL-3.0) is faster
     topo_workers: int = 2             # processes for the reconstructions' persistence (0: in process)
@@ -70,7 +72,7 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
 
     def _build_loss(self):
         topo = TopologicalLoss(max_size=self.topo_max_size, max_pairs=self.topo_max_pairs, backend=self.topo_backend,
-                               workers=self.topo_workers) if self.w_topo > 0 else None
+                               workers=self.topo_workers, max_voxels=self.topo_max_voxels) if self.w_topo > 0 else None
         return TopoMAELoss(self.w_rec, self.w_topo, self.w_spatial if self.spatial_heads else 0.0,
                            self.w_rec_consistency if self.use_cnn else 0.0,
                            self.w_spatial_consistency if (self.use_cnn and self.spatial_heads) else 0.0,
@@ -78,7 +80,8 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
 
     def persistence_fn(self):
         if self.w_topo > 0 and self.topo_inputs_in_dataloader:
-            return InputPersistence(self.topo_max_size, max_pairs=self.topo_max_pairs, backend=self.topo_backend)
+            return InputPersistence(self.topo_max_size, max_pairs=self.topo_max_pairs, backend=self.topo_backend,
+                                    max_voxels=self.topo_max_voxels)
         return None
 
     def compute_terms(self, batch: dict) -> Dict[str, torch.Tensor]:
