@@ -47,7 +47,7 @@ TIERS = {
     "cpu": dict(pretrain_steps=1000, finetune_steps=1500, iters=50, plans="cpu",
                 runs=[("scratch_nnunet", 5, 3), ("topomae", 5, 3), ("topomae_lowcnnlr", 5, 1),
                       ("scratch_hybrid", 5, 1), ("mae", 5, 1),
-                      ("topomae_notopo", 5, 1), ("hybridmim", 5, 1), ("hybridmim_warmup", 5, 1),
+                      ("topomae_notopo", 5, 3), ("hybridmim", 5, 1), ("hybridmim_warmup", 5, 1),
                       ("scratch_nnunet", 20, 1), ("topomae", 20, 1), ("scratch_nnunet", "all", 1),
                       ("topomae", "all", 1)]),
     "full": dict(pretrain_steps=250 * 1000, finetune_steps=250 * 1000, iters=250, plans="default",
