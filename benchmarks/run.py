@@ -46,7 +46,7 @@ TIERS = {
                   runs=[("scratch_nnunet", 5, 1), ("topomae", 5, 1)]),
     "cpu": dict(pretrain_steps=1000, finetune_steps=1500, iters=50, plans="cpu",
                 runs=[("scratch_nnunet", 5, 3), ("topomae", 5, 3), ("topomae_lowcnnlr", 5, 1),
-                      ("scratch_hybrid", 5, 1), ("mae", 5, 1),
+                      ("scratch_hybrid", 5, 2), ("mae", 5, 1),
                       ("topomae_notopo", 5, 3), ("hybridmim", 5, 1), ("hybridmim_warmup", 5, 1),
                       ("scratch_nnunet", 20, 1), ("topomae", 20, 1), ("scratch_nnunet", "all", 1),
                       ("topomae", "all", 1)]),
