@@ -263,10 +263,18 @@ def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
             if a == arm:
                 xs += [n] * len(v)
                 ys += v
-        ax.scatter(np.array(xs) * (1 + 0.03 * (i - len(arms) / 2)), ys, label=arm)
+        shift = 1 + 0.03 * (i - len(arms) / 2)  # side by side within one labelled-cases column
+        points = ax.scatter(np.array(xs) * shift, ys, label=arm)
+        for n in sorted(set(xs)):  # a dash at each arm's mean over seeds
+            mean = np.mean([y for x, y in zip(xs, ys) if x == n])
+            ax.plot([n * shift / 1.01, n * shift * 1.01], [mean, mean], color=points.get_facecolor()[0], lw=2)
     ax.set_xscale("log")
+    counts = sorted({n for _, n in groups})
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.minorticks_off()
     ax.set_xlabel("labelled training cases")
     ax.set_ylabel("mean Dice (fold 0 validation)")
+    ax.set_title("one point per seed; dash = mean over seeds", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "results.png"), dpi=90)

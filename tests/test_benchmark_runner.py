@@ -57,3 +57,14 @@ def test_inspect_transfer_measures_relative_change_per_part():
     r = mod.moved(pre, fine)
     assert r == pytest.approx({"ViT encoder": 0.0, "CNN encoder": 0.5, "CNN decoder": 2.0})
     assert mod.part_of("cnn.decoder.seg_layers.0.weight") is None  # fresh heads are not a transferred part
+
+
+def test_report_table_has_mean_and_spread_per_arm_and_subset(runner, tmp_path):
+    results = [dict(arm="topomae", labelled_cases=5, mean_dice=d) for d in (0.80, 0.84)] + \
+              [dict(arm="scratch_nnunet", labelled_cases=5, mean_dice=0.78),
+               dict(arm="scratch_nnunet", labelled_cases=20, mean_dice=0.85)]
+    runner.write_report(results, str(tmp_path), quiet=True)
+    rows = [r for r in (tmp_path / "results.md").read_text().splitlines() if r.startswith("| topomae")]
+    assert rows == ["| topomae | 5 | 2 | 0.8200 | 0.0400 | 0.8000, 0.8400 |"]
+    assert "| scratch_nnunet | 20 | 1 | 0.8500 | - | 0.8500 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").stat().st_size > 1000
