@@ -616,14 +616,16 @@ class _TopoBench:
 
     def __init__(self, args, batch: int, pool=None):
         import torch
-        from nnunet_topomae.losses.topological import TopologicalLoss, reduce_volume
+        from nnunet_topomae.losses.topological import TopologicalLoss
         self.args, self.batch, self.dims = args, batch, (0, 1, 2)
         self.max_pairs = args.max_pairs or None
+        self.max_voxels = args.max_voxels or None
         self.image, self.recons = synthetic_volumes(batch, args.patch, args.branches, args.seed)
         self.n = len(self.recons)
-        self.reduced_shape = list(reduce_volume(self.image[:1], args.max_size, args.max_voxels or None).shape[2:])
+        self.reduced_shape = list(self._reduce(self.image[:1]).shape[2:])
         self.pool = pool
-        kw = dict(max_size=args.max_size, max_voxels=args.max_voxels or None, dims=self.dims, max_pairs=self.max_pairs, backend=args.backend)
+        kw = dict(max_size=args.max_size, max_voxels=self.max_voxels, dims=self.dims, max_pairs=self.max_pairs,
+                  backend=args.backend)
         self.loss_pool = TopologicalLoss(workers=args.workers, **kw)
         self.loss_pool._pool = pool  # share the started pool: its start-up is timed separately
         self.loss_serial = TopologicalLoss(workers=0, **kw)
@@ -634,19 +636,23 @@ class _TopoBench:
         self.recon_pairs = None
         self._torch = torch
 
+    def _reduce(self, x):
+        """The reduced copy the loss computes persistence on (same settings as the loss itself)."""
+        from nnunet_topomae.losses.topological import reduce_volume
+        return reduce_volume(x, self.args.max_size, self.max_voxels)
+
     # (a) inputs' persistence: InputPersistence per sample, as in the data-loading workers
     def inputs(self) -> float:
         from nnunet_topomae.losses.topological import InputPersistence
         fn = InputPersistence(self.args.max_size, self.dims, self.max_pairs, self.args.backend,
-                              max_voxels=self.args.max_voxels or None)
+                              max_voxels=self.max_voxels)
         t0 = time.perf_counter()
         self.target_pairs = [fn(self.image[i].numpy()) for i in range(self.batch)]
         return _ms(t0)
 
     def _recon_volumes(self):
         import numpy as np
-        from nnunet_topomae.losses.topological import reduce_volume
-        recon = reduce_volume(self._torch.cat(self.recons).float(), self.args.max_size, self.args.max_voxels or None)
+        recon = self._reduce(self._torch.cat(self.recons).float())
         arr = recon.numpy().astype(np.float64)
         return [arr[i, j] for i in range(arr.shape[0]) for j in range(arr.shape[1])]
 
@@ -669,12 +675,10 @@ class _TopoBench:
     # (c) matching + gather + backward with both pair sets given
     def matching(self) -> float:
         import numpy as np
-        from nnunet_topomae.losses.topological import reduce_volume, topological_loss_single
+        from nnunet_topomae.losses.topological import topological_loss_single
         torch = self._torch
-        recon = reduce_volume(torch.cat(self.recons).float(), self.args.max_size,
-                              self.args.max_voxels or None).requires_grad_(True)
-        target = reduce_volume(torch.cat([self.image] * self.n), self.args.max_size,
-                               self.args.max_voxels or None).numpy().astype(np.float64)
+        recon = self._reduce(torch.cat(self.recons).float()).requires_grad_(True)
+        target = self._reduce(torch.cat([self.image] * self.n)).numpy().astype(np.float64)
         t_pairs = list(self.target_pairs) * self.n
         b, c = recon.shape[:2]
         t0 = time.perf_counter()
