@@ -44,7 +44,7 @@ ARMS = {  # arm -> (pretraining trainer or None, finetuning trainer)
 TIERS = {
     "quick": dict(pretrain_steps=1000, finetune_steps=1000, iters=50, plans="cpu",
                   runs=[("scratch_nnunet", 5, 1), ("topomae", 5, 1)]),
-    "cpu": dict(pretrain_steps=1000, finetune_steps=1500, iters=50, plans="cpu",
+    "cpu": dict(pretrain_steps=1000, finetune_steps=2500, iters=50, plans="cpu",
                 runs=[("scratch_nnunet", 5, 3), ("topomae", 5, 3), ("topomae_lowcnnlr", 5, 1),
                       ("scratch_hybrid", 5, 2), ("mae", 5, 1),
                       ("topomae_notopo", 5, 3), ("hybridmim", 5, 1), ("hybridmim_warmup", 5, 1),
@@ -66,10 +66,21 @@ def run_order(runs) -> List[tuple]:
     return sorted(flat, key=lambda r: r[2])
 
 
-def finetune_name(arm: str, fine: str) -> str:
-    # the anchor and the product keep the names of the first benchmark versions, so their finished
-    # runs stay valid; every other arm gets its own class
-    return f"{fine}_bench" if arm in ("scratch_nnunet", "topomae") else f"{fine}_bench_{arm}"
+def finetune_name(arm: str, fine: str, steps: int) -> str:
+    # the step budget is part of the name (hence of the results folder), so that a run trained under
+    # another budget is never mistaken for a finished one; every arm gets its own class
+    return f"{fine}_bench{steps}" if arm in ("scratch_nnunet", "topomae") else f"{fine}_bench{steps}_{arm}"
+
+
+def pretrain_name(pre: str, steps: int) -> str:
+    return f"{pre}_bench{steps}"
+
+
+def same_budget(r: dict, tier: dict) -> bool:
+    """Whether result ``r`` was trained under ``tier``'s budgets (results of other budgets stay in the
+    file but are neither resumed nor reported)."""
+    pre = ARMS.get(r["arm"], (None, None))[0]
+    return r["steps"] == tier["finetune_steps"] and r.get("pretrain_steps", 0) == (tier["pretrain_steps"] if pre else 0)
 
 
 def write_trainer_shims(folder: str, tier: dict) -> Dict:
@@ -81,7 +92,7 @@ def write_trainer_shims(folder: str, tier: dict) -> Dict:
                         "from nnunet_topomae.trainers import *", ""]
     for arm, (pre, fine) in ARMS.items():
         if pre and pre not in names:
-            names[pre] = f"{pre}_bench"
+            names[pre] = pretrain_name(pre, tier["pretrain_steps"])
             lines += [f"class {names[pre]}({pre}):", f"    pretrain_epochs = {pe}",
                       f"    pretrain_iterations_per_epoch = {it}", "    pretrain_val_iterations_per_epoch = 5",
                       f"    warmup_epochs = {max(1, pe // 20)}", f"    preview_every = {max(1, pe // 5)}",
@@ -90,7 +101,7 @@ def write_trainer_shims(folder: str, tier: dict) -> Dict:
                       f"        self.save_every = {save_every}", ""]
         # one finetuning class (hence one results folder) per arm: arms sharing a finetuning trainer
         # (scratch_hybrid, mae, topomae, topomae_notopo) must not find each other's runs
-        names[("fine", arm)] = finetune_name(arm, fine)
+        names[("fine", arm)] = finetune_name(arm, fine, tier["finetune_steps"])
         lines += [f"class {names[('fine', arm)]}({fine}):",
                   "    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):",
                   "        super().__init__(plans, configuration, fold, dataset_json, device)",
@@ -187,7 +198,7 @@ def main() -> int:
 
     results_path = os.path.join(out, "results.json")
     results: List[dict] = json.load(open(results_path)) if os.path.isfile(results_path) else []
-    done = {(r["arm"], str(r.get("subset", r["labelled_cases"])), r["seed"]) for r in results}
+    done = {(r["arm"], str(r.get("subset", r["labelled_cases"])), r["seed"]) for r in results if same_budget(r, tier)}
     res_root = os.path.join(env["nnUNet_results"], name)
     train = lambda tr, fold: [nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(fold), "-p", plans,
                               "-tr", tr, "-device", args.device]
@@ -236,8 +247,8 @@ def main() -> int:
         with open(results_path, "w") as f:
             json.dump(results, f, indent=1)
         print(f"    mean Dice {results[-1]['mean_dice']:.4f} {dice}", flush=True)
-        write_report(results, out, quiet=True)  # partial tables while a long benchmark runs
-    write_report(results, out)
+        write_report([r for r in results if same_budget(r, tier)], out, quiet=True)  # partial tables while it runs
+    write_report([r for r in results if same_budget(r, tier)], out)
     return 0
 
 

@@ -32,10 +32,21 @@ def test_every_arm_has_its_own_finetuning_class(runner, tier, tmp_path):
     classes = [n.name for n in ast.parse(source).body if isinstance(n, ast.ClassDef)]
     assert len(classes) == len(set(classes))
     assert set(fine) <= set(classes)
-    # the anchor and the product keep their first names, so finished runs stay valid
-    assert names[("fine", "scratch_nnunet")] == "nnUNetTrainer_bench"
+    # the budget is in the name, so that a run of another budget is never taken for a finished one
+    steps = runner.TIERS[tier]["finetune_steps"]
+    assert names[("fine", "scratch_nnunet")] == f"nnUNetTrainer_bench{steps}"
     if "topomae" in arms:
-        assert names[("fine", "topomae")] == "nnUNetTrainerTopoMAEFinetune_bench"
+        assert names[("fine", "topomae")] == f"nnUNetTrainerTopoMAEFinetune_bench{steps}"
+        assert names["nnUNetTrainerTopoMAEPretrain"] == f"nnUNetTrainerTopoMAEPretrain_bench{runner.TIERS[tier]['pretrain_steps']}"
+
+
+def test_results_of_another_budget_are_neither_resumed_nor_reported(runner):
+    tier = runner.TIERS["cpu"]
+    same = dict(arm="topomae", steps=tier["finetune_steps"], pretrain_steps=tier["pretrain_steps"])
+    assert runner.same_budget(same, tier)
+    assert not runner.same_budget(dict(same, steps=tier["finetune_steps"] - 1), tier)
+    assert not runner.same_budget(dict(same, pretrain_steps=tier["pretrain_steps"] + 1), tier)
+    assert runner.same_budget(dict(arm="scratch_nnunet", steps=tier["finetune_steps"], pretrain_steps=0), tier)
 
 
 def test_run_order_measures_every_arm_once_before_repeating_seeds(runner):
