@@ -643,9 +643,7 @@ class _TopoBench:
 
     # (a) inputs' persistence: InputPersistence per sample, as in the data-loading workers
     def inputs(self) -> float:
-        from nnunet_topomae.losses.topological import InputPersistence
-        fn = InputPersistence(self.args.max_size, self.dims, self.max_pairs, self.args.backend,
-                              max_voxels=self.max_voxels)
+        fn = self.loss_serial.input_persistence()
         t0 = time.perf_counter()
         self.target_pairs = [fn(self.image[i].numpy()) for i in range(self.batch)]
         return _ms(t0)

@@ -88,6 +88,15 @@ def test_trainer_gives_loss_and_data_workers_one_reduction():
 
     for cls in (nnUNetTrainerTopoMAEPretrain, Coarse):
         trainer = object.__new__(cls)  # only class attributes are read
-        topo, fn = trainer._build_loss().topo_loss, trainer.persistence_fn()
+        trainer.loss = trainer._build_loss()
+        topo, fn = trainer.loss.topo_loss, trainer.persistence_fn()
         assert (topo.max_size, topo.max_voxels) == (fn.max_size, fn.max_voxels) == (cls.topo_max_size,
                                                                                    cls.topo_max_voxels)
+        assert (topo.dims, topo.max_pairs, topo.backend) == (fn.dims, fn.max_pairs, fn.backend)
+
+    class NoTopo(nnUNetTrainerTopoMAEPretrain):
+        w_topo = 0.0
+
+    trainer = object.__new__(NoTopo)
+    trainer.loss = trainer._build_loss()
+    assert trainer.loss.topo_loss is None and trainer.persistence_fn() is None

@@ -299,6 +299,11 @@ class TopologicalLoss(torch.nn.Module):
         if self.workers > 0 and self._pool is None:
             self._pool = PersistencePool(self.workers, self.dims, self.max_pairs, self.backend)
 
+    def input_persistence(self) -> "InputPersistence":
+        """The data-loading workers' half of this loss: the inputs' diagrams, on volumes reduced
+        exactly as ``per_volume`` reduces them (one set of settings, so the two cannot drift)."""
+        return InputPersistence(self.max_size, self.dims, self.max_pairs, self.backend, self.max_voxels)
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()

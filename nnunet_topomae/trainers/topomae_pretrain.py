@@ -16,7 +16,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_topomae.architectures.topomae_net import TopoMAENetwork
 from nnunet_topomae.architectures.vit3d import VIT_PRESETS, ViTConfig, token_size_from_plan
-from nnunet_topomae.losses.topological import InputPersistence, TopologicalLoss
+from nnunet_topomae.losses.topological import TopologicalLoss
 from nnunet_topomae.losses.topomae_loss import TopoMAELoss
 from nnunet_topomae.trainers.pretrain_base import nnUNetPretrainTrainerBase
 
@@ -79,10 +79,9 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
                            topo_loss=topo)
 
     def persistence_fn(self):
-        if self.w_topo > 0 and self.topo_inputs_in_dataloader:
-            return InputPersistence(self.topo_max_size, max_pairs=self.topo_max_pairs, backend=self.topo_backend,
-                                    max_voxels=self.topo_max_voxels)
-        return None
+        # nnU-Net's initialize() has built self.loss before the data loaders
+        topo = self.loss.topo_loss
+        return topo.input_persistence() if topo is not None and self.topo_inputs_in_dataloader else None
 
     def compute_terms(self, batch: dict) -> Dict[str, torch.Tensor]:
         x = batch["data"].to(self.device, non_blocking=True)
