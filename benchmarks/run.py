@@ -266,27 +266,25 @@ def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
         lines.append(f"| {arm} | {n} | {len(v)} | {np.mean(v):.4f} | {spread} | {', '.join(f'{x:.4f}' for x in v)} |")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    arms = sorted({a for a, _ in groups})
-    for i, arm in enumerate(arms):
-        xs, ys = [], []
-        for (a, n), v in groups.items():
-            if a == arm:
-                xs += [n] * len(v)
-                ys += v
-        shift = 1 + 0.03 * (i - len(arms) / 2)  # side by side within one labelled-cases column
-        points = ax.scatter(np.array(xs) * shift, ys, label=arm)
-        for n in sorted(set(xs)):  # a dash at each arm's mean over seeds
-            mean = np.mean([y for x, y in zip(xs, ys) if x == n])
-            ax.plot([n * shift / 1.01, n * shift * 1.01], [mean, mean], color=points.get_facecolor()[0], lw=2)
-    ax.set_xscale("log")
+    # one panel per labelled subset, arms side by side in the same order and colour in every panel
     counts = sorted({n for _, n in groups})
-    ax.set_xticks(counts, [str(n) for n in counts])
-    ax.minorticks_off()
-    ax.set_xlabel("labelled training cases")
-    ax.set_ylabel("mean Dice (fold 0 validation)")
-    ax.set_title("one point per seed; dash = mean over seeds", fontsize=9)
-    ax.legend(fontsize=8)
+    arms = sorted({a for a, _ in groups}, key=lambda a: (list(ARMS).index(a) if a in ARMS else len(ARMS), a))
+    colours = {a: f"C{i % 10}" for i, a in enumerate(arms)}
+    widths = [max(1, len({a for a, m in groups if m == n})) for n in counts]
+    fig, axes = plt.subplots(1, len(counts), figsize=(2.2 + 0.75 * sum(widths), 4.2), sharey=True, squeeze=False,
+                             gridspec_kw=dict(width_ratios=widths))
+    for ax, n in zip(axes[0], counts):
+        present = [a for a in arms if (a, n) in groups]
+        for x, arm in enumerate(present):
+            v = groups[(arm, n)]
+            ax.scatter([x] * len(v), v, color=colours[arm], s=22, zorder=3)
+            ax.plot([x - 0.3, x + 0.3], [np.mean(v)] * 2, color=colours[arm], lw=2)  # mean over seeds
+        ax.set_xticks(range(len(present)), present, rotation=60, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(present) - 0.4)
+        ax.set_title(f"{n} labelled cases", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("mean Dice (fold 0 validation)")
+    fig.suptitle("one point per seed; dash = mean over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "results.png"), dpi=90)
     plt.close(fig)
