@@ -177,6 +177,8 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None, help="restrict to these arms")
     ap.add_argument("--labelled", nargs="*", default=None,
                     help="restrict to these labelled subsets (5, 20, all), e.g. to repeat seeds with 5 cases first")
+    ap.add_argument("--seeds", nargs="*", type=int, default=None,
+                    help="restrict to these seeds (0, 1, ...), e.g. every arm's seed 0 in one sitting")
     args = ap.parse_args()
     tier = TIERS[args.tier]
     out = os.path.abspath(args.out)
@@ -207,6 +209,8 @@ def main() -> int:
         if args.only and arm not in args.only:
             continue
         if args.labelled and str(labelled) not in args.labelled:
+            continue
+        if args.seeds is not None and seed not in args.seeds:
             continue
         pre, fine = ARMS[arm]
         key = (arm, str(labelled), seed)
