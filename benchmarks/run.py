@@ -38,6 +38,7 @@ ARMS = {  # arm -> (pretraining trainer or None, finetuning trainer)
     "hybridmim_warmup": ("nnUNetTrainerHybridMIMPretrain", "nnUNetTrainerHybridMIMFinetune"),
     # transfer-recipe attempt (docs/BENCHMARKS.md): TopoMAE weights, pretrained CNN at 0.3x the learning rate
     "topomae_lowcnnlr": ("nnUNetTrainerTopoMAEPretrain", "nnUNetTrainerTopoMAEFinetune_lowCNNlr"),
+    "topomae_lowtopo": ("nnUNetTrainerTopoMAEPretrain_lowTopo", "nnUNetTrainerTopoMAEFinetune"),
 }
 
 # tier -> schedule and which (arm, labelled, seeds) runs
@@ -47,7 +48,7 @@ TIERS = {
     "cpu": dict(pretrain_steps=1000, finetune_steps=2500, iters=50, plans="cpu",
                 runs=[("scratch_nnunet", 5, 3), ("topomae", 5, 3), ("topomae_lowcnnlr", 5, 1),
                       ("scratch_hybrid", 5, 2), ("mae", 5, 1),
-                      ("topomae_notopo", 5, 3), ("hybridmim", 5, 1), ("hybridmim_warmup", 5, 1),
+                      ("topomae_notopo", 5, 3), ("topomae_lowtopo", 5, 1), ("hybridmim", 5, 1), ("hybridmim_warmup", 5, 1),
                       ("scratch_nnunet", 20, 1), ("topomae", 20, 1), ("scratch_nnunet", "all", 1),
                       ("topomae", "all", 1)]),
     "full": dict(pretrain_steps=250 * 1000, finetune_steps=250 * 1000, iters=250, plans="default",

@@ -211,13 +211,14 @@ def _trainer_loss(trainer_cls, max_size=16, max_pairs=8):
     return trainer_cls._build_loss(Cfg)
 
 
-@pytest.mark.parametrize("variant", ["topomae", "mae", "noSpatial", "noTopo"])
+@pytest.mark.parametrize("variant", ["topomae", "mae", "noSpatial", "noTopo", "lowTopo"])
 def test_every_parameter_gets_a_gradient(variant):
     """DDP without find_unused_parameters needs a gradient for every parameter each step."""
     from nnunet_topomae.trainers import variants
     cls = {"topomae": nnUNetTrainerTopoMAEPretrain, "mae": variants.nnUNetTrainerMAEPretrain,
            "noSpatial": variants.nnUNetTrainerTopoMAEPretrain_noSpatial,
-           "noTopo": variants.nnUNetTrainerTopoMAEPretrain_noTopo}[variant]
+           "noTopo": variants.nnUNetTrainerTopoMAEPretrain_noTopo,
+           "lowTopo": variants.nnUNetTrainerTopoMAEPretrain_lowTopo}[variant]
     torch.manual_seed(0)
     net = cls.build_network_architecture(None, _configuration_manager(), 1, 3, True)
     loss_fn = _trainer_loss(cls)
@@ -232,7 +233,9 @@ def test_every_parameter_gets_a_gradient(variant):
                 "mae": {"rec_vit"},
                 "noSpatial": {"rec_vit", "rec_cnn", "topo_vit", "topo_cnn", "rec_consistency"},
                 "noTopo": {"rec_vit", "rec_cnn", "spatial_vit", "spatial_cnn", "rec_consistency",
-                           "spatial_consistency"}}[variant]
+                           "spatial_consistency"}}
+    expected["lowTopo"] = expected["topomae"]
+    expected = expected[variant]
     assert set(terms) == expected | {"loss"}
 
 

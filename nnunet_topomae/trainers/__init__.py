@@ -17,6 +17,7 @@ from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrai
 from nnunet_topomae.trainers.variants import (
     nnUNetTrainerMAEPretrain,
     nnUNetTrainerTopoMAEFinetune_lowCNNlr,
+    nnUNetTrainerTopoMAEPretrain_lowTopo,
     nnUNetTrainerTopoMAEPretrain_noSpatial,
     nnUNetTrainerTopoMAEPretrain_noTopo,
     nnUNetTrainerTopoMAEPretrain_ViTB,
@@ -25,6 +26,7 @@ from nnunet_topomae.trainers.variants import (
 __all__ = [
     "nnUNetTrainerTopoMAEPretrain",
     "nnUNetTrainerTopoMAEPretrain_noTopo",
+    "nnUNetTrainerTopoMAEPretrain_lowTopo",
     "nnUNetTrainerTopoMAEPretrain_noSpatial",
     "nnUNetTrainerTopoMAEPretrain_ViTB",
     "nnUNetTrainerMAEPretrain",

@@ -8,6 +8,12 @@ class nnUNetTrainerTopoMAEPretrain_noTopo(nnUNetTrainerTopoMAEPretrain):
     w_topo = 0.0
 
 
+class nnUNetTrainerTopoMAEPretrain_lowTopo(nnUNetTrainerTopoMAEPretrain):
+    """Loss-weight variant: the topological term at 0.01 instead of 0.1. At 0.1 the weighted term
+    (about 0.6 after 1000 Hippocampus steps) is as large as the reconstruction terms it should guide."""
+    w_topo = 0.01
+
+
 class nnUNetTrainerTopoMAEPretrain_noSpatial(nnUNetTrainerTopoMAEPretrain):
     """Ablation: without the spatial pretext task (and its consistency term)."""
     spatial_heads = False
