@@ -69,7 +69,8 @@ def run_order(runs) -> List[tuple]:
 
 def finetune_name(arm: str, fine: str, steps: int) -> str:
     # the step budget is part of the name (hence of the results folder), so that a run trained under
-    # another budget is never mistaken for a finished one; every arm gets its own class
+    # another budget is never mistaken for a finished one; arms that share a finetuning trainer get
+    # their own class by the arm suffix (the anchor and the product have their trainer to themselves)
     return f"{fine}_bench{steps}" if arm in ("scratch_nnunet", "topomae") else f"{fine}_bench{steps}_{arm}"
 
 
@@ -201,7 +202,8 @@ def main() -> int:
 
     results_path = os.path.join(out, "results.json")
     results: List[dict] = json.load(open(results_path)) if os.path.isfile(results_path) else []
-    done = {(r["arm"], str(r.get("subset", r["labelled_cases"])), r["seed"]) for r in results if same_budget(r, tier)}
+    current = lambda: [r for r in results if same_budget(r, tier)]  # the runs this tier resumes and reports
+    done = {(r["arm"], str(r.get("subset", r["labelled_cases"])), r["seed"]) for r in current()}
     res_root = os.path.join(env["nnUNet_results"], name)
     train = lambda tr, fold: [nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(fold), "-p", plans,
                               "-tr", tr, "-device", args.device]
@@ -252,8 +254,8 @@ def main() -> int:
         with open(results_path, "w") as f:
             json.dump(results, f, indent=1)
         print(f"    mean Dice {results[-1]['mean_dice']:.4f} {dice}", flush=True)
-        write_report([r for r in results if same_budget(r, tier)], out, quiet=True)  # partial tables while it runs
-    write_report([r for r in results if same_budget(r, tier)], out)
+        write_report(current(), out, quiet=True)  # partial tables while a long benchmark runs
+    write_report(current(), out)
     return 0
 
 
