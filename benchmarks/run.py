@@ -165,6 +165,45 @@ def write_splits(pre_dir: str, seeds: int) -> Dict:
             "fold_of": folds, "n_train": len(base["train"]), "val": base["val"]}
 
 
+def per_case_dice(summary: dict) -> Dict[str, float]:
+    """Each validation case's Dice averaged over the foreground classes, from nnU-Net's summary.json
+    (keyed by the case's file name; a class absent from both reference and prediction is left out, as
+    nnU-Net's own mean leaves out its NaN)."""
+    out = {}
+    for c in summary["metric_per_case"]:
+        d = [m["Dice"] for m in c["metrics"].values() if m["Dice"] == m["Dice"]]
+        out[os.path.basename(c["reference_file"])] = float(np.mean(d)) if d else float("nan")
+    return out
+
+
+def paired_difference(a: Dict[str, float], b: Dict[str, float], n_boot: int = 5000) -> dict:
+    """Mean of b - a over the cases both were evaluated on, with a 95 % bootstrap interval over cases.
+
+    One run per arm says nothing about seed-to-seed spread; pairing the two runs case by case at least says
+    whether the difference is larger than what resampling the validation cases would give."""
+    keys = sorted(k for k in a if k in b and a[k] == a[k] and b[k] == b[k])
+    d = np.array([b[k] - a[k] for k in keys])
+    boot = d[np.random.default_rng(0).integers(0, len(d), (n_boot, len(d)))].mean(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return dict(mean=float(d.mean()), lo=float(lo), hi=float(hi), cases=len(d), better=int((d > 0).sum()))
+
+
+def backfill_per_case(results: List[dict], res_root: str, names: Dict, plans: str) -> int:
+    """Per-case Dice for runs recorded before results.json kept it, read from their summary.json if present;
+    returns how many runs gained it."""
+    n = 0
+    for r in results:
+        if "per_case" in r or r["arm"] not in ARMS:
+            continue
+        summary = os.path.join(res_root, f"{names[('fine', r['arm'])]}__{plans}__3d_fullres", f"fold_{r['fold']}",
+                               "validation", "summary.json")
+        if os.path.isfile(summary):
+            with open(summary) as f:
+                r["per_case"] = per_case_dice(json.load(f))
+            n += 1
+    return n
+
+
 def _continue(fold_dir: str) -> List[str]:
     """``--c`` if an interrupted training left a checkpoint_latest.pth in ``fold_dir``."""
     return ["--c"] if os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth")) else []
@@ -205,6 +244,9 @@ def main() -> int:
     current = lambda: [r for r in results if same_budget(r, tier)]  # the runs this tier resumes and reports
     done = {(r["arm"], str(r.get("subset", r["labelled_cases"])), r["seed"]) for r in current()}
     res_root = os.path.join(env["nnUNet_results"], name)
+    if backfill_per_case(current(), res_root, names, plans):
+        with open(results_path, "w") as f:
+            json.dump(results, f, indent=1)
     train = lambda tr, fold: [nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(fold), "-p", plans,
                               "-tr", tr, "-device", args.device]
     t_all = time.time()
@@ -246,7 +288,7 @@ def main() -> int:
         dice = {k: v["Dice"] for k, v in m["mean"].items()}
         n_lab = len(split_info["subsets"][str(labelled)])
         results.append(dict(arm=arm, subset=str(labelled), labelled_cases=n_lab, labels_fraction=round(n_lab / split_info["n_train"], 4),
-                            seed=seed, dice=dice, mean_dice=float(m["foreground_mean"]["Dice"]),
+                            seed=seed, dice=dice, mean_dice=float(m["foreground_mean"]["Dice"]), per_case=per_case_dice(m),
                             steps=tier["finetune_steps"], pretrain_steps=tier["pretrain_steps"] if pre else 0,
                             train_seconds=round(t_train, 1),
                             pretrain_seconds=round(t_pre, 1), fold=fold, tier=args.tier, device=args.device))
@@ -271,6 +313,7 @@ def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
     for (arm, n), v in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         spread = f"{max(v) - min(v):.4f}" if len(v) > 1 else "-"
         lines.append(f"| {arm} | {n} | {len(v)} | {np.mean(v):.4f} | {spread} | {', '.join(f'{x:.4f}' for x in v)} |")
+    lines += paired_lines(results)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     # one panel per labelled subset, arms side by side in the same order and colour in every panel
@@ -297,6 +340,27 @@ def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
     plt.close(fig)
     if not quiet:
         print("\n".join(lines))
+
+
+def paired_lines(results: List[dict], anchor: str = "scratch_nnunet") -> List[str]:
+    """Each run against the anchor run on the same labelled subset and seed (same fold, same validation cases)."""
+    results = [r for r in results if "per_case" in r]  # runs recorded before results.json kept per-case Dice
+    ref = {(r["labelled_cases"], r["seed"]): r for r in results if r["arm"] == anchor}
+    rows = []
+    for r in sorted(results, key=lambda r: (r["labelled_cases"], r["seed"], list(ARMS).index(r["arm"])
+                                             if r["arm"] in ARMS else len(ARMS))):
+        a = ref.get((r["labelled_cases"], r["seed"]))
+        if r["arm"] == anchor or a is None:
+            continue
+        p = paired_difference(a["per_case"], r["per_case"])
+        rows.append(f"| {r['arm']} | {r['labelled_cases']} | {r['seed']} | {100 * p['mean']:+.2f} | "
+                    f"{100 * p['lo']:+.2f} to {100 * p['hi']:+.2f} | {p['better']} of {p['cases']} |")
+    if not rows:
+        return []
+    return ["", f"Paired with {anchor} of the same labelled subset and seed, case by case over the validation cases "
+            "(Dice points; interval: 95 % bootstrap over cases, not over seeds):", "",
+            f"| arm | labelled cases | seed | mean Dice difference to {anchor} | 95 % interval | cases better |",
+            "| --- | --- | --- | --- | --- | --- |"] + rows
 
 
 if __name__ == "__main__":

@@ -79,3 +79,23 @@ def test_report_table_has_mean_and_spread_per_arm_and_subset(runner, tmp_path):
     assert rows == ["| topomae | 5 | 2 | 0.8200 | 0.0400 | 0.8000, 0.8400 |"]
     assert "| scratch_nnunet | 20 | 1 | 0.8500 | - | 0.8500 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+def test_paired_difference_pairs_cases_and_reports_interval(runner, tmp_path):
+    case = lambda name, d1, d2: {"reference_file": f"/x/{name}.nii.gz",
+                                 "metrics": {"1": {"Dice": d1}, "2": {"Dice": d2}}}
+    summary = {"metric_per_case": [case("a", 0.8, 0.6), case("b", 0.9, float("nan")), case("c", 0.5, 0.7)]}
+    assert runner.per_case_dice(summary) == pytest.approx({"a.nii.gz": 0.7, "b.nii.gz": 0.9, "c.nii.gz": 0.6})
+    scratch = {"a": 0.70, "b": 0.80, "c": 0.60, "d": 0.50}
+    better = {"a": 0.72, "b": 0.83, "c": 0.61}  # "d" missing: only shared cases are paired
+    p = runner.paired_difference(scratch, better)
+    assert p["cases"] == 3 and p["better"] == 3
+    assert p["mean"] == pytest.approx(0.02) and 0.01 <= p["lo"] <= p["mean"] <= p["hi"] <= 0.03
+    results = [dict(arm="scratch_nnunet", labelled_cases=5, seed=0, mean_dice=0.7, per_case=scratch),
+               dict(arm="topomae", labelled_cases=5, seed=0, mean_dice=0.72, per_case=better),
+               dict(arm="topomae", labelled_cases=5, seed=1, mean_dice=0.9, per_case=better)]  # no anchor for seed 1
+    runner.write_report(results, str(tmp_path), quiet=True)
+    rows = [r for r in (tmp_path / "results.md").read_text().splitlines() if r.startswith("| topomae | 5 | 0 |")]
+    assert len(rows) == 1
+    assert rows[0].split(" | ")[3] == "+2.00" and rows[0].endswith("| 3 of 3 |")
+    assert not any(r.startswith("| topomae | 5 | 1 |") for r in (tmp_path / "results.md").read_text().splitlines())
