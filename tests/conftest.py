@@ -4,7 +4,10 @@ Markers
   integration: end-to-end tests through nnU-Net's real commands in subprocesses (slow; deselect with
   ``-m "not integration"``).
 
-Fixtures (session scoped, built lazily: unit-test-only runs never pay for them)
+Fixtures
+  single_threaded_torch (module scoped): torch on one thread for the module's tests.
+
+Session-scoped fixtures (built lazily: unit-test-only runs never pay for them)
   nnunet_dataset: a temporary nnU-Net root with the synthetic dataset 901 (6 cases of 40^3, from
       tests/synthetic.py), planned and preprocessed once for 3d_fullres (the plans also hold a 2d
       configuration, not preprocessed). An ``integration.helpers.NNUNetTestDataset``: paths
@@ -39,6 +42,17 @@ from integration.helpers import (  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "integration: end-to-end test through nnU-Net's real commands "
                                        "(subprocesses, about a minute of shared setup)")
+
+
+@pytest.fixture(scope="module")
+def single_threaded_torch():
+    """Small CPU networks run fastest (and most robustly on a shared 2-core box) single-threaded; a module
+    opts in with ``pytestmark = pytest.mark.usefixtures("single_threaded_torch")``."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="session")

@@ -28,13 +28,7 @@ from nnunet_topomae.masking.two_level import (
 from nnunet_topomae.utils import synthetic_plans
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    """Small CPU networks run fastest (and most robustly on a shared 2-core box) single-threaded."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 PLAIN, RESENC, REQ_IMPORT = synthetic_plans.PLAIN, synthetic_plans.RESENC, synthetic_plans.REQ_IMPORT

@@ -46,12 +46,7 @@ ANISO = ((12, 48, 48), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]])  # last str
 HEADS = ("perception_count.", "perception_position.", "projection.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 def make_plans(patch, strides, arch=PLAIN, features=(8, 16, 32, 48), batch_size=2, channels=1):

@@ -27,12 +27,7 @@ PLAIN, REQ_IMPORT = synthetic_plans.PLAIN, synthetic_plans.REQ_IMPORT
 ANISO = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 def plain_kwargs(strides, features):
