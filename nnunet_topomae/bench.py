@@ -105,6 +105,9 @@ def add_parser(sub) -> None:
                    help="reconstructions per sample (default 2: ViT and CNN, as TopoMAE)")
     t.add_argument("--repeats", type=_positive_int, default=10, help="timed repeats (default 10)")
     t.add_argument("--seed", type=int, default=0, help="seed of the synthetic volumes (default 0)")
+    t.add_argument("--malloc-default", action="store_true",
+                   help="keep glibc's default malloc thresholds; without it the benchmark keeps freed memory, "
+                        "as the TopoMAE trainer does (malloc_keep_freed)")
     t.add_argument("--sweep", action="store_true",
                    help=f"also: persistence time per volume against resolution {', '.join(f'{s}^3' for s in SWEEP_SIZES)} "
                         f"(no reduction, every available backend) and critical path against batch size "
@@ -754,7 +757,9 @@ def _check_backend(backend: str) -> None:
 
 
 def measure_topo(args) -> dict:
+    from nnunet_topomae.utils.memory import keep_freed_memory
     _check_backend(args.backend)
+    kept = False if args.malloc_default else keep_freed_memory()
     pool, startup = _start_pool(args)
     try:
         bench = _TopoBench(args, args.batch, pool)
@@ -765,7 +770,7 @@ def measure_topo(args) -> dict:
             "volumes_per_step": args.batch * args.branches, "reduced_shape": bench.reduced_shape,
             "max_size": args.max_size, "max_voxels": args.max_voxels, "max_pairs": args.max_pairs, "backend": args.backend,
             "workers": args.workers, "repeats": args.repeats, "seed": args.seed,
-            "pool_startup_ms": startup,
+            "malloc_keep_freed": kept, "pool_startup_ms": startup,
             "parts": {k: _stats(v) for k, v in parts.items()},
         }
         for k, v in report["parts"].items():
@@ -815,7 +820,8 @@ def format_topo_table(report: dict) -> str:
         f"{report['volumes_per_step']} reconstructions, patch {'x'.join(map(str, report['patch']))} -> reduced "
         f"{'x'.join(map(str, report['reduced_shape']))} (max_size {report['max_size']}, max_voxels "
         f"{report['max_voxels'] or 'none'}), max_pairs {report['max_pairs']}, backend {report['backend']}, "
-        f"{report['workers']} pool workers, {report['repeats']} repeats",
+        f"{report['workers']} pool workers, {report['repeats']} repeats, "
+        f"malloc keeps freed memory: {report.get('malloc_keep_freed', False)}",
     ]
     head = f"{'part':62s}{'median ms':>11s}{'p10-p90 ms':>18s}  on critical path"
     lines += ["", head, "-" * (len(head) + 2)]

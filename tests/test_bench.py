@@ -40,15 +40,17 @@ def test_topo_json_has_every_part(capsys):
     # 24^3 = 13824 voxels is over the default budget (12288): the first axis is coarsened
     assert report["reduced_shape"] == [12, 24, 24] and report["max_voxels"] == 12288
     assert report["on_critical_path"]["inputs_persistence_ms"] == "no"
+    assert report["malloc_keep_freed"] is sys.platform.startswith("linux")  # as the trainer: glibc keeps freed memory
     assert report["machine"]["cpu_count"] >= 1 and "torch" in report["machine"]
 
 
 def test_topo_serial_table(capsys):
     rc = main(["bench", "topo", "--patch", "20", "16", "12", "--batch", "1", "--branches", "1", "--workers", "0",
-               "--max-size", "8", "--repeats", "1"])
+               "--max-size", "8", "--repeats", "1", "--malloc-default"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "CRITICAL PATH" in out and "reduced 7x8x6" in out  # kernels 3, 2, 2 with ceil_mode
+    assert "malloc keeps freed memory: False" in out
     assert "in the pool" not in out and "pool start-up" not in out  # no pool with --workers 0
 
 

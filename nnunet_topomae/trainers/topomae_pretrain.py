@@ -19,6 +19,7 @@ from nnunet_topomae.architectures.vit3d import VIT_PRESETS, ViTConfig, token_siz
 from nnunet_topomae.losses.topological import TopologicalLoss
 from nnunet_topomae.losses.topomae_loss import TopoMAELoss
 from nnunet_topomae.trainers.pretrain_base import nnUNetPretrainTrainerBase
+from nnunet_topomae.utils.memory import keep_freed_memory
 
 
 def build_plan_cnn(configuration_manager, num_input_channels: int, num_output_channels: int,
@@ -60,6 +61,8 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
     topo_workers: int = 2             # processes for the reconstructions' persistence (0: in process)
     topo_inputs_in_dataloader: bool = True
     topo_every: int = 1               # compute the topological term every N steps
+    # glibc keeps freed big blocks instead of faulting them in again every step (nnunet_topomae.utils.memory)
+    malloc_keep_freed: bool = True
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
@@ -94,7 +97,10 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
         return self.loss(out, x, spatial, topo_pairs=batch.get("topo_pairs"), with_topo=with_topo)
 
     def on_train_start(self):
+        # before super(), so that the data-loading workers it forks inherit it
+        kept = keep_freed_memory() if self.malloc_keep_freed else False
         super().on_train_start()
+        self.print_to_log_file(f"glibc malloc keeps freed memory (malloc_keep_freed): {kept}")
         if self.loss.topo_loss is not None:
             self.loss.topo_loss.start()  # the pool's start-up (seconds) is not charged to the first step
 

@@ -105,6 +105,9 @@ def test_training_log_mentions_every_loss_term(topomae_pretrain_run):
     for term in TOPOMAE_TERMS + ["train_loss", "val_loss"]:
         assert re.search(rf"\b{term}\b", text), f"'{term}' not in the training log"
     assert _logged_epochs(text) == list(range(EPOCHS))
+    # the trainer's malloc setting took effect in the real training process (glibc on Linux)
+    if sys.platform.startswith("linux"):
+        assert "glibc malloc keeps freed memory (malloc_keep_freed): True" in text
 
 
 def test_checkpoints_are_readable_like_other_outputs(topomae_pretrain_run):
