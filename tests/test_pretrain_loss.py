@@ -100,3 +100,36 @@ def test_trainer_gives_loss_and_data_workers_one_reduction():
     trainer = object.__new__(NoTopo)
     trainer.loss = trainer._build_loss()
     assert trainer.loss.topo_loss is None and trainer.persistence_fn() is None
+
+
+def test_speed_variants_change_only_their_setting(monkeypatch):
+    import pytest
+
+    from nnunet_topomae.errors import UserInputError
+    from nnunet_topomae.trainers import topomae_pretrain, variants
+
+    every2 = object.__new__(variants.nnUNetTrainerTopoMAEPretrain_topoEvery2)
+    calls = []
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return {}
+
+    every2.device, every2.network = torch.device("cpu"), Net().train()
+    every2.loss = lambda out, x, spatial, topo_pairs=None, with_topo=True: calls.append(with_topo) or {}
+    batch = {"data": torch.zeros(1), "spatial": torch.zeros(1)}
+    for _ in range(5):
+        every2.compute_terms(batch)
+    every2.network.eval()
+    every2.compute_terms(batch)  # validation always scores the term
+    assert calls == [True, False, True, False, True, True]
+
+    cripser = object.__new__(variants.nnUNetTrainerTopoMAEPretrain_cripser)
+    monkeypatch.setattr(topomae_pretrain, "available_backends", lambda: ["gudhi"])
+    with pytest.raises(UserInputError, match="pip install cripser"):
+        cripser._build_loss()
+    monkeypatch.setattr(topomae_pretrain, "available_backends", lambda: ["gudhi", "cripser"])
+    loss = cripser._build_loss()
+    assert loss.topo_loss.backend == "cripser"
+    cripser.loss = loss
+    assert cripser.persistence_fn().backend == "cripser"  # the data-loading workers use it too

@@ -17,9 +17,11 @@ from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrai
 from nnunet_topomae.trainers.variants import (
     nnUNetTrainerMAEPretrain,
     nnUNetTrainerTopoMAEFinetune_lowCNNlr,
+    nnUNetTrainerTopoMAEPretrain_cripser,
     nnUNetTrainerTopoMAEPretrain_lowTopo,
     nnUNetTrainerTopoMAEPretrain_noSpatial,
     nnUNetTrainerTopoMAEPretrain_noTopo,
+    nnUNetTrainerTopoMAEPretrain_topoEvery2,
     nnUNetTrainerTopoMAEPretrain_ViTB,
 )
 
@@ -29,6 +31,8 @@ __all__ = [
     "nnUNetTrainerTopoMAEPretrain_lowTopo",
     "nnUNetTrainerTopoMAEPretrain_noSpatial",
     "nnUNetTrainerTopoMAEPretrain_ViTB",
+    "nnUNetTrainerTopoMAEPretrain_cripser",
+    "nnUNetTrainerTopoMAEPretrain_topoEvery2",
     "nnUNetTrainerMAEPretrain",
     "nnUNetTrainerTopoMAEFinetune",
     "nnUNetTrainerTopoMAEFinetune_lowCNNlr",
