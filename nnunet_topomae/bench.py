@@ -749,16 +749,10 @@ PART_LABELS = [
 ]
 
 
-def _check_backend(backend: str) -> None:
-    from nnunet_topomae.losses.topological import available_backends
-    if backend not in available_backends():
-        raise UserInputError(f"persistence backend {backend!r} is not installed (available: "
-                             f"{', '.join(available_backends())}); pip install cripser (GPL-3.0) to use it")
-
-
 def measure_topo(args) -> dict:
+    from nnunet_topomae.losses.topological import require_backend
     from nnunet_topomae.utils.memory import keep_freed_memory
-    _check_backend(args.backend)
+    require_backend(args.backend)
     kept = False if args.malloc_default else keep_freed_memory()
     pool, startup = _start_pool(args)
     try:
@@ -821,7 +815,7 @@ def format_topo_table(report: dict) -> str:
         f"{'x'.join(map(str, report['reduced_shape']))} (max_size {report['max_size']}, max_voxels "
         f"{report['max_voxels'] or 'none'}), max_pairs {report['max_pairs']}, backend {report['backend']}, "
         f"{report['workers']} pool workers, {report['repeats']} repeats, "
-        f"malloc keeps freed memory: {report.get('malloc_keep_freed', False)}",
+        f"malloc keeps freed memory: {report['malloc_keep_freed']}",
     ]
     head = f"{'part':62s}{'median ms':>11s}{'p10-p90 ms':>18s}  on critical path"
     lines += ["", head, "-" * (len(head) + 2)]

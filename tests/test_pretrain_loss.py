@@ -106,7 +106,8 @@ def test_speed_variants_change_only_their_setting(monkeypatch):
     import pytest
 
     from nnunet_topomae.errors import UserInputError
-    from nnunet_topomae.trainers import topomae_pretrain, variants
+    from nnunet_topomae.losses import topological
+    from nnunet_topomae.trainers import variants
 
     every2 = object.__new__(variants.nnUNetTrainerTopoMAEPretrain_topoEvery2)
     calls = []
@@ -125,10 +126,10 @@ def test_speed_variants_change_only_their_setting(monkeypatch):
     assert calls == [True, False, True, False, True, True]
 
     cripser = object.__new__(variants.nnUNetTrainerTopoMAEPretrain_cripser)
-    monkeypatch.setattr(topomae_pretrain, "available_backends", lambda: ["gudhi"])
+    monkeypatch.setattr(topological, "available_backends", lambda: ["gudhi"])
     with pytest.raises(UserInputError, match="pip install cripser"):
         cripser._build_loss()
-    monkeypatch.setattr(topomae_pretrain, "available_backends", lambda: ["gudhi", "cripser"])
+    monkeypatch.setattr(topological, "available_backends", lambda: ["gudhi", "cripser"])
     loss = cripser._build_loss()
     assert loss.topo_loss.backend == "cripser"
     cripser.loss = loss

@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from gudhi import CubicalComplex
 from scipy.optimize import linear_sum_assignment
 
+from nnunet_topomae.errors import UserInputError
+
 
 def reduction_kernel(shape, max_size: int = 32, max_voxels: int | None = None) -> tuple:
     """Pooling kernel (= stride) per axis: every reduced axis <= ``max_size`` and, if given, the
@@ -127,6 +129,13 @@ def available_backends():
     except ImportError:
         pass
     return out
+
+
+def require_backend(backend: str, hint: str = "") -> None:
+    """One-line user error if ``backend`` is not installed (cripser is an optional extra); ``hint`` says what else to use."""
+    if backend not in available_backends():
+        raise UserInputError(f"persistence backend {backend!r} is not installed (available: "
+                             f"{', '.join(available_backends())}); pip install cripser (GPL-3.0) to use it{hint}")
 
 
 def persistence_pairs(volume: np.ndarray, dims=(0, 1, 2), max_pairs: int | None = None,

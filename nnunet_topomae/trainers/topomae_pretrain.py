@@ -16,8 +16,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_topomae.architectures.topomae_net import TopoMAENetwork
 from nnunet_topomae.architectures.vit3d import VIT_PRESETS, ViTConfig, token_size_from_plan
-from nnunet_topomae.errors import UserInputError
-from nnunet_topomae.losses.topological import TopologicalLoss, available_backends
+from nnunet_topomae.losses.topological import TopologicalLoss, require_backend
 from nnunet_topomae.losses.topomae_loss import TopoMAELoss
 from nnunet_topomae.trainers.pretrain_base import nnUNetPretrainTrainerBase
 from nnunet_topomae.utils.memory import keep_freed_memory
@@ -75,10 +74,8 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
         return TopoMAENetwork(cfg, cnn, mask_ratio=cls.mask_ratio, spatial_heads=cls.spatial_heads)
 
     def _build_loss(self):
-        if self.w_topo > 0 and self.topo_backend not in available_backends():
-            raise UserInputError(f"{type(self).__name__} computes persistence with {self.topo_backend!r}, which is not "
-                                 f"installed (available: {', '.join(available_backends())}); pip install cripser "
-                                 f"(GPL-3.0), or use nnUNetTrainerTopoMAEPretrain (gudhi)")
+        if self.w_topo > 0:
+            require_backend(self.topo_backend, hint=f" with {type(self).__name__}, or use nnUNetTrainerTopoMAEPretrain (gudhi)")
         topo = TopologicalLoss(max_size=self.topo_max_size, max_pairs=self.topo_max_pairs, backend=self.topo_backend,
                                workers=self.topo_workers, max_voxels=self.topo_max_voxels) if self.w_topo > 0 else None
         return TopoMAELoss(self.w_rec, self.w_topo, self.w_spatial if self.spatial_heads else 0.0,
