@@ -47,10 +47,13 @@ TIERS = {
                   runs=[("scratch_nnunet", 5, 1), ("topomae", 5, 1)]),
     "cpu": dict(pretrain_steps=1000, finetune_steps=2500, iters=50, plans="cpu",
                 runs=[("scratch_nnunet", 5, 3), ("topomae", 5, 3), ("topomae_lowcnnlr", 5, 1),
-                      ("scratch_hybrid", 5, 2), ("mae", 5, 1),
+                      ("scratch_hybrid", 5, 2), ("mae", 5, 3),
                       ("topomae_notopo", 5, 3), ("topomae_lowtopo", 5, 1), ("hybridmim", 5, 1), ("hybridmim_warmup", 5, 1),
                       ("scratch_nnunet", 20, 1), ("topomae", 20, 1), ("scratch_nnunet", "all", 1),
-                      ("topomae", "all", 1)]),
+                      ("topomae", "all", 1),
+                      # beyond the issue: the hybrid network from scratch with more labels separates what
+                      # pretraining adds from what the network adds where the labels are not scarce
+                      ("scratch_hybrid", 20, 1), ("scratch_hybrid", "all", 1)]),
     "full": dict(pretrain_steps=250 * 1000, finetune_steps=250 * 1000, iters=250, plans="default",
                  runs=[(a, n, 3 if a in ("scratch_nnunet", "topomae") and n == 5 else 1)
                        for a in ARMS for n in (5,)] + [(a, n, 1) for a in ("scratch_nnunet", "topomae")
