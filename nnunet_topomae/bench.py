@@ -676,17 +676,16 @@ class _TopoBench:
     # (c) matching + gather + backward with both pair sets given
     def matching(self) -> float:
         import numpy as np
-        from nnunet_topomae.losses.topological import topological_loss_single
+        from nnunet_topomae.losses.topological import topological_loss_batch
         torch = self._torch
         recon = self._reduce(torch.cat(self.recons).float()).requires_grad_(True)
         target = self._reduce(torch.cat([self.image] * self.n)).numpy().astype(np.float64)
         t_pairs = list(self.target_pairs) * self.n
         b, c = recon.shape[:2]
         t0 = time.perf_counter()
-        losses = [topological_loss_single(recon[i, j], target[i, j], self.dims, self.max_pairs,
-                                          target_pairs=t_pairs[i][j], recon_pairs=self.recon_pairs[i * c + j])
-                  for i in range(b) for j in range(c)]
-        torch.stack(losses).mean().backward()
+        loss = topological_loss_batch(recon.reshape(b * c, *recon.shape[2:]), target.reshape(b * c, *target.shape[2:]),
+                                      self.recon_pairs, [t_pairs[i][j] for i in range(b) for j in range(c)], self.dims)
+        loss.mean().backward()
         return _ms(t0)
 
     # (d) the critical path: what TopoMAELoss does on the training step, + backward

@@ -15,6 +15,7 @@ from nnunet_topomae.losses.topological import (
     persistence_pairs,
     reduce_volume,
     reduction_kernel,
+    topological_loss_batch,
     topological_loss_single,
     wasserstein2_matching,
 )
@@ -331,3 +332,24 @@ def test_topological_loss_module():
     loss.backward()
     assert torch.isfinite(recon.grad).all() and recon.grad.abs().sum() > 0
     assert TopologicalLoss()(target, target).item() < 1e-8
+
+
+def test_batch_loss_equals_the_volumes_one_by_one():
+    # one gather over the batch must not mix up volumes: values and gradients as if computed alone,
+    # including a constant volume (no finite pairs at all) between two others
+    rng = np.random.default_rng(3)
+    shape = (10, 12, 9)
+    recon = np.stack([rng.random(shape), np.full(shape, 0.5), rng.random(shape)])
+    target = np.stack([rng.random(shape), rng.random(shape), np.full(shape, 0.2)])
+    r_pairs = [persistence_pairs(v, max_pairs=20) for v in recon]
+    t_pairs = [persistence_pairs(v, max_pairs=20) for v in target]
+    batch = torch.tensor(recon, requires_grad=True)
+    loss = topological_loss_batch(batch, target, r_pairs, t_pairs)
+    (loss * torch.tensor([1.0, 2.0, 3.0], dtype=loss.dtype)).sum().backward()
+    for v in range(3):
+        single = torch.tensor(recon[v], requires_grad=True)
+        ref = topological_loss_single(single, target[v], target_pairs=t_pairs[v], recon_pairs=r_pairs[v])
+        (ref * (v + 1)).backward()
+        assert loss[v].item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
+        assert torch.allclose(batch.grad[v], single.grad)
+    assert loss[0].item() > 0 and loss[2].item() > 0 and batch.grad[1].abs().sum() > 0

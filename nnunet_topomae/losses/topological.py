@@ -246,6 +246,58 @@ def wasserstein2_matching(diag_a: np.ndarray, diag_b: np.ndarray):
     return r[real], c[real], to_diag_a, to_diag_b
 
 
+def topological_loss_batch(recon: torch.Tensor, target: np.ndarray, recon_pairs, target_pairs,
+                           dims=(0, 1, 2)) -> torch.Tensor:
+    """L_topo of N volume pairs at once: (N,) tensor, differentiable w.r.t. ``recon`` (N, *spatial).
+
+    ``target``: (N, *spatial) numpy; ``recon_pairs`` / ``target_pairs``: per volume, its
+    ``persistence_pairs``. The optimal matchings are found per volume and dimension on detached
+    values; the distances then come from ONE gather over the whole batch, because every separate
+    gather costs a full-size zero gradient in backward, and on a busy CPU those small ops cost more
+    than the arithmetic (about 30 ms per Hippocampus step with one gather per volume and dimension).
+    """
+    n, size, dev = recon.shape[0], recon[0].numel(), recon.device
+    r_np = recon.detach().cpu().numpy().reshape(n, -1).astype(np.float64)
+    t_np = np.asarray(target, dtype=np.float64).reshape(n, -1)
+    # (R[i] - t)^2 terms: matched births and deaths, essential classes
+    sq_idx, sq_tgt, sq_vol = [], [], []
+    # (R[death] - R[birth])^2 / 2 terms: reconstruction points matched to the diagonal
+    dg_b, dg_d, dg_vol = [], [], []
+    # target points matched to the diagonal: part of the distance, constant w.r.t. recon
+    const = np.zeros(n)
+
+    def squared(v, idx, tgt):
+        sq_idx.append(v * size + idx), sq_tgt.append(tgt), sq_vol.append(np.full(len(idx), v))
+
+    for v in range(n):
+        for d in dims:
+            rp = np.asarray(recon_pairs[v][d], np.int64).reshape(-1, 2)
+            tp = np.asarray(target_pairs[v][d], np.int64).reshape(-1, 2)
+            dt = t_np[v][tp]
+            rows, cols, diag_r, diag_t = wasserstein2_matching(r_np[v][rp], dt)
+            squared(v, rp[rows].ravel(), dt[cols].ravel())
+            dg_b.append(v * size + rp[diag_r, 0]), dg_d.append(v * size + rp[diag_r, 1])
+            dg_vol.append(np.full(len(diag_r), v))
+            const[v] += _diag_cost(dt[diag_t]).sum()
+            # essential points are matched by birth alone, sorted to sorted (optimal for a 1-D squared cost)
+            er = np.asarray(recon_pairs[v][("essential", d)], np.int64)
+            et = np.sort(t_np[v][np.asarray(target_pairs[v][("essential", d)], np.int64)])
+            k = min(len(er), len(et))  # equal (1 in dim 0, 0 otherwise) for same-shape boxes
+            squared(v, er[np.argsort(r_np[v][er], kind="stable")[:k]], et[:k])
+
+    def as_tensor(parts, dtype):
+        return torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0), dtype=dtype, device=dev)
+
+    sq_i, b_i, d_i = (as_tensor(p, torch.long) for p in (sq_idx, dg_b, dg_d))
+    m, k = len(sq_i), len(b_i)
+    g = recon.reshape(-1)[torch.cat([sq_i, b_i, d_i])]
+    sq = (g[:m] - as_tensor(sq_tgt, recon.dtype)) ** 2
+    dg = (g[m + k:] - g[m:m + k]) ** 2 / 2
+    total = torch.zeros(n, dtype=recon.dtype, device=dev)
+    total = total.index_add(0, as_tensor(sq_vol, torch.long), sq).index_add(0, as_tensor(dg_vol, torch.long), dg)
+    return 0.5 * (total + torch.as_tensor(const, dtype=recon.dtype, device=dev))
+
+
 def topological_loss_single(recon: torch.Tensor, target, dims=(0, 1, 2), max_pairs=None,
                             target_pairs: dict | None = None, recon_pairs: dict | None = None,
                             backend: str = "gudhi") -> torch.Tensor:
@@ -261,29 +313,7 @@ def topological_loss_single(recon: torch.Tensor, target, dims=(0, 1, 2), max_pai
         target_pairs = persistence_pairs(target, dims, max_pairs, backend)
     if recon_pairs is None:
         recon_pairs = persistence_pairs(recon.detach().cpu().numpy().astype(np.float64), dims, max_pairs, backend)
-
-    dev = recon.device
-    # Keeps the result attached to recon's graph even when no pair exists.
-    total = recon.sum() * 0.0
-    for d in dims:
-        dr = diagram_from_pairs(recon, recon_pairs[d])
-        dt = diagram_from_pairs(target, target_pairs[d])
-        rows, cols, diag_r, diag_t = wasserstein2_matching(dr.detach().cpu().numpy(), dt)
-        rows, cols, diag_r = (torch.as_tensor(i, dtype=torch.long, device=dev) for i in (rows, cols, diag_r))
-        dt_torch = torch.as_tensor(dt, dtype=recon.dtype, device=dev)
-        total = total + ((dr[rows] - dt_torch[cols]) ** 2).sum()
-        total = total + ((dr[diag_r, 1] - dr[diag_r, 0]) ** 2).sum() / 2
-        # Constant w.r.t. recon, but part of the distance's value.
-        total = total + float(_diag_cost(dt[diag_t]).sum())
-
-        er = recon.reshape(-1)[torch.as_tensor(recon_pairs[("essential", d)], dtype=torch.long, device=dev)]
-        et = target.reshape(-1)[target_pairs[("essential", d)]]
-        k = min(len(er), len(et))  # equal (1 in dim 0, 0 otherwise) for same-shape boxes
-        if k:
-            er_sorted = torch.sort(er).values[:k]
-            et_sorted = torch.as_tensor(np.sort(et)[:k], dtype=recon.dtype, device=dev)
-            total = total + ((er_sorted - et_sorted) ** 2).sum()
-    return 0.5 * total
+    return topological_loss_batch(recon[None], target[None], [recon_pairs], [target_pairs], dims)[0]
 
 
 class TopologicalLoss(torch.nn.Module):
@@ -337,10 +367,8 @@ class TopologicalLoss(torch.nn.Module):
         pairs = self._pairs(todo)
         r_pairs = pairs[:b * c]
         t_pairs = pairs[b * c:] if target_pairs is None else [target_pairs[i][j] for i in range(b) for j in range(c)]
-        losses = [topological_loss_single(recon[i, j], target[i, j], self.dims, self.max_pairs,
-                                          target_pairs=t_pairs[i * c + j], recon_pairs=r_pairs[i * c + j])
-                  for i in range(b) for j in range(c)]
-        return torch.stack(losses).reshape(b, c)
+        return topological_loss_batch(recon.reshape(b * c, *recon.shape[2:]), target.reshape(b * c, *target.shape[2:]),
+                                      r_pairs, t_pairs, self.dims).reshape(b, c)
 
     def forward(self, recon: torch.Tensor, target: torch.Tensor, target_pairs=None) -> torch.Tensor:
         return self.per_volume(recon, target, target_pairs).mean()
