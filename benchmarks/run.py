@@ -317,6 +317,7 @@ def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
         spread = f"{max(v) - min(v):.4f}" if len(v) > 1 else "-"
         lines.append(f"| {arm} | {n} | {len(v)} | {np.mean(v):.4f} | {spread} | {', '.join(f'{x:.4f}' for x in v)} |")
     lines += paired_lines(results)
+    lines += paired_lines(results, anchor="scratch_hybrid")  # what pretraining adds to the same network
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     # one panel per labelled subset, arms side by side in the same order and colour in every panel
