@@ -3,6 +3,7 @@ lower the total loss, the topological term included."""
 from __future__ import annotations
 
 import time
+import types
 
 import numpy as np
 import torch
@@ -124,6 +125,8 @@ def test_speed_variants_change_only_their_setting(monkeypatch):
     every2.network.eval()
     every2.compute_terms(batch)  # validation always scores the term
     assert calls == [True, False, True, False, True, True]
+    every2.loss = types.SimpleNamespace(topo_loss=topological.TopologicalLoss())
+    assert every2.persistence_fn() is None  # inputs' persistence on the step, only when the term is computed
 
     cripser = object.__new__(variants.nnUNetTrainerTopoMAEPretrain_cripser)
     monkeypatch.setattr(topological, "available_backends", lambda: ["gudhi"])

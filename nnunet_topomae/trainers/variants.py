@@ -23,6 +23,9 @@ class nnUNetTrainerTopoMAEPretrain_cripser(nnUNetTrainerTopoMAEPretrain):
 class nnUNetTrainerTopoMAEPretrain_topoEvery2(nnUNetTrainerTopoMAEPretrain):
     """Speed: the topological term on every second step only (half its cost; the other terms every step)."""
     topo_every = 2
+    # the data-loading workers cannot tell which batch lands on a topological step, so they would compute
+    # the inputs' persistence for every batch; on the step, in the pool, it is computed only when used
+    topo_inputs_in_dataloader = False
 
 
 class nnUNetTrainerTopoMAEPretrain_noSpatial(nnUNetTrainerTopoMAEPretrain):
