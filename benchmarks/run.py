@@ -318,6 +318,7 @@ def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
         lines.append(f"| {arm} | {n} | {len(v)} | {np.mean(v):.4f} | {spread} | {', '.join(f'{x:.4f}' for x in v)} |")
     lines += paired_lines(results)
     lines += paired_lines(results, anchor="scratch_hybrid")  # what pretraining adds to the same network
+    lines += paired_lines(results, anchor="mae")  # the goal: TopoMAE above plain MAE
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     # one panel per labelled subset, arms side by side in the same order and colour in every panel
