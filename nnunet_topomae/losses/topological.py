@@ -254,7 +254,8 @@ def topological_loss_batch(recon: torch.Tensor, target: np.ndarray, recon_pairs,
     ``persistence_pairs``. The optimal matchings are found per volume and dimension on detached
     values; the distances then come from ONE gather over the whole batch, because every separate
     gather costs a full-size zero gradient in backward, and on a busy CPU those small ops cost more
-    than the arithmetic (about 30 ms per Hippocampus step with one gather per volume and dimension).
+    than the arithmetic (a Hippocampus batch of 4 reduced volumes under load: 60 ms with one gather per
+    volume and dimension, 45 ms with one; docs/BENCHMARKS.md, speed).
     """
     n, size, dev = recon.shape[0], recon[0].numel(), recon.device
     r_np = recon.detach().cpu().numpy().reshape(n, -1).astype(np.float64)
