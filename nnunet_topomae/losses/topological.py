@@ -274,8 +274,8 @@ def topological_loss_batch(recon: torch.Tensor, target: np.ndarray, recon_pairs,
         for d in dims:
             rp = np.asarray(recon_pairs[v][d], np.int64).reshape(-1, 2)
             tp = np.asarray(target_pairs[v][d], np.int64).reshape(-1, 2)
-            dt = t_np[v][tp]
-            rows, cols, diag_r, diag_t = wasserstein2_matching(r_np[v][rp], dt)
+            dt = diagram_from_pairs(t_np[v], tp)
+            rows, cols, diag_r, diag_t = wasserstein2_matching(diagram_from_pairs(r_np[v], rp), dt)
             squared(v, rp[rows].ravel(), dt[cols].ravel())
             dg_b.append(v * size + rp[diag_r, 0]), dg_d.append(v * size + rp[diag_r, 1])
             dg_vol.append(np.full(len(diag_r), v))
