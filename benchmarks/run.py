@@ -39,7 +39,10 @@ ARMS = {  # arm -> (pretraining trainer or None, finetuning trainer)
     # transfer-recipe attempt (docs/BENCHMARKS.md): TopoMAE weights, pretrained CNN at 0.3x the learning rate
     "topomae_lowcnnlr": ("nnUNetTrainerTopoMAEPretrain", "nnUNetTrainerTopoMAEFinetune_lowCNNlr"),
     "topomae_lowtopo": ("nnUNetTrainerTopoMAEPretrain_lowTopo", "nnUNetTrainerTopoMAEFinetune"),
+    # transfer-recipe attempt: the same TopoMAE pretraining, three times as long (PRETRAIN_SCALE)
+    "topomae_longpre": ("nnUNetTrainerTopoMAEPretrain", "nnUNetTrainerTopoMAEFinetune"),
 }
+PRETRAIN_SCALE = {"topomae_longpre": 3}  # arm -> multiple of its tier's pretraining steps (default 1)
 
 # tier -> schedule and which (arm, labelled, seeds) runs
 TIERS = {
@@ -49,6 +52,7 @@ TIERS = {
                 runs=[("scratch_nnunet", 5, 3), ("topomae", 5, 3), ("topomae_lowcnnlr", 5, 1),
                       ("scratch_hybrid", 5, 2), ("mae", 5, 3),
                       ("topomae_notopo", 5, 3), ("topomae_lowtopo", 5, 1), ("hybridmim", 5, 1), ("hybridmim_warmup", 5, 1),
+                      ("topomae_longpre", 5, 1),
                       ("scratch_nnunet", 20, 1), ("topomae", 20, 1), ("scratch_nnunet", "all", 1),
                       ("topomae", "all", 1),
                       # beyond the issue: the hybrid network from scratch with more labels separates what
@@ -56,7 +60,7 @@ TIERS = {
                       ("scratch_hybrid", 20, 1), ("scratch_hybrid", "all", 1)]),
     "full": dict(pretrain_steps=250 * 1000, finetune_steps=250 * 1000, iters=250, plans="default",
                  runs=[(a, n, 3 if a in ("scratch_nnunet", "topomae") and n == 5 else 1)
-                       for a in ARMS for n in (5,)] + [(a, n, 1) for a in ("scratch_nnunet", "topomae")
+                       for a in ARMS if a not in PRETRAIN_SCALE for n in (5,)] + [(a, n, 1) for a in ("scratch_nnunet", "topomae")
                                                        for n in (20, "all")]),
 }
 CPU_PLANS = dict(batch_size=2, features=[16, 32, 64, 128])
@@ -81,24 +85,34 @@ def pretrain_name(pre: str, steps: int) -> str:
     return f"{pre}_bench{steps}"
 
 
+def pretrain_steps(arm: str, tier: dict) -> int:
+    """How long ``arm`` pretrains under ``tier`` (0 for the arms without pretraining)."""
+    return tier["pretrain_steps"] * PRETRAIN_SCALE.get(arm, 1) if ARMS[arm][0] else 0
+
+
 def same_budget(r: dict, tier: dict) -> bool:
     """Whether result ``r`` was trained under ``tier``'s budgets (results of other budgets stay in the
     file but are neither resumed nor reported)."""
-    pre = ARMS.get(r["arm"], (None, None))[0]
-    return r["steps"] == tier["finetune_steps"] and r.get("pretrain_steps", 0) == (tier["pretrain_steps"] if pre else 0)
+    if r["arm"] not in ARMS:
+        return False
+    return r["steps"] == tier["finetune_steps"] and r.get("pretrain_steps", 0) == pretrain_steps(r["arm"], tier)
 
 
 def write_trainer_shims(folder: str, tier: dict) -> Dict:
     """Budgeted subclasses of every trainer, as a module nnU-Net imports (an nnUNet_extTrainer folder)."""
     os.makedirs(folder, exist_ok=True)
-    pe, fe, it = tier["pretrain_steps"] // tier["iters"], tier["finetune_steps"] // tier["iters"], tier["iters"]
+    fe, it = tier["finetune_steps"] // tier["iters"], tier["iters"]
     save_every = 5  # checkpoint_latest.pth every 5 epochs, so that a stopped benchmark loses little (--c)
-    names, lines = {}, ["import torch", "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer",
+    names, written, lines = {}, set(), ["import torch", "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer",
                         "from nnunet_topomae.trainers import *", ""]
     for arm, (pre, fine) in ARMS.items():
-        if pre and pre not in names:
-            names[pre] = pretrain_name(pre, tier["pretrain_steps"])
-            lines += [f"class {names[pre]}({pre}):", f"    pretrain_epochs = {pe}",
+        if pre:
+            # arms of the same pretraining trainer and length share one class, hence one checkpoint
+            names[("pre", arm)] = pretrain_name(pre, pretrain_steps(arm, tier))
+        if pre and names[("pre", arm)] not in written:
+            pe = pretrain_steps(arm, tier) // it
+            written.add(names[("pre", arm)])
+            lines += [f"class {names[('pre', arm)]}({pre}):", f"    pretrain_epochs = {pe}",
                       f"    pretrain_iterations_per_epoch = {it}", "    pretrain_val_iterations_per_epoch = 5",
                       f"    warmup_epochs = {max(1, pe // 20)}", f"    preview_every = {max(1, pe // 5)}",
                       "    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):",
@@ -266,11 +280,11 @@ def main() -> int:
             continue
         extra, t_pre = [], 0.0
         if pre is not None:
-            ckpt = os.path.join(res_root, f"{names[pre]}__{plans}__3d_fullres", "fold_0", "checkpoint_final.pth")
+            ckpt = os.path.join(res_root, f"{names[('pre', arm)]}__{plans}__3d_fullres", "fold_0", "checkpoint_final.pth")
             if not os.path.isfile(ckpt):
-                print(f"[{time.time() - t_all:6.0f} s] pretraining {names[pre]} on fold 0's training images", flush=True)
+                print(f"[{time.time() - t_all:6.0f} s] pretraining {names[('pre', arm)]} on fold 0's training images", flush=True)
                 t_pre = time.time()
-                run(train(names[pre], 0) + _continue(os.path.dirname(ckpt)), env, log, echo=epoch_echo())
+                run(train(names[('pre', arm)], 0) + _continue(os.path.dirname(ckpt)), env, log, echo=epoch_echo())
                 t_pre = time.time() - t_pre
             extra = ["-pretrained_weights", ckpt]
         fold = split_info["fold_of"][(str(labelled), seed)]
@@ -292,7 +306,7 @@ def main() -> int:
         n_lab = len(split_info["subsets"][str(labelled)])
         results.append(dict(arm=arm, subset=str(labelled), labelled_cases=n_lab, labels_fraction=round(n_lab / split_info["n_train"], 4),
                             seed=seed, dice=dice, mean_dice=float(m["foreground_mean"]["Dice"]), per_case=per_case_dice(m),
-                            steps=tier["finetune_steps"], pretrain_steps=tier["pretrain_steps"] if pre else 0,
+                            steps=tier["finetune_steps"], pretrain_steps=pretrain_steps(arm, tier),
                             train_seconds=round(t_train, 1),
                             pretrain_seconds=round(t_pre, 1), fold=fold, tier=args.tier, device=args.device))
         done.add(key)

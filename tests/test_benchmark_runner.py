@@ -37,7 +37,23 @@ def test_every_arm_has_its_own_finetuning_class(runner, tier, tmp_path):
     assert names[("fine", "scratch_nnunet")] == f"nnUNetTrainer_bench{steps}"
     if "topomae" in arms:
         assert names[("fine", "topomae")] == f"nnUNetTrainerTopoMAEFinetune_bench{steps}"
-        assert names["nnUNetTrainerTopoMAEPretrain"] == f"nnUNetTrainerTopoMAEPretrain_bench{runner.TIERS[tier]['pretrain_steps']}"
+        assert names[("pre", "topomae")] == f"nnUNetTrainerTopoMAEPretrain_bench{runner.TIERS[tier]['pretrain_steps']}"
+
+
+def test_a_longer_pretraining_gets_its_own_class_and_budget(runner, tmp_path):
+    tier = runner.TIERS["cpu"]
+    names = runner.write_trainer_shims(str(tmp_path), tier)
+    steps = 3 * tier["pretrain_steps"]
+    assert names[("pre", "topomae_longpre")] == f"nnUNetTrainerTopoMAEPretrain_bench{steps}"
+    # arms of the same pretraining and length share its checkpoint
+    assert names[("pre", "topomae_lowcnnlr")] == names[("pre", "topomae")] != names[("pre", "topomae_longpre")]
+    tree = ast.parse((tmp_path / "nnunet_topomae_bench_trainers.py").read_text())
+    long_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == names[("pre", "topomae_longpre")])
+    epochs = next(a.value.value for a in long_cls.body if isinstance(a, ast.Assign) and a.targets[0].id == "pretrain_epochs")
+    assert epochs * tier["iters"] == steps
+    run = dict(arm="topomae_longpre", steps=tier["finetune_steps"], pretrain_steps=steps)
+    assert runner.same_budget(run, tier)
+    assert not runner.same_budget(dict(run, pretrain_steps=tier["pretrain_steps"]), tier)
 
 
 def test_results_of_another_budget_are_neither_resumed_nor_reported(runner):
