@@ -14,6 +14,7 @@ from nnunet_topomae.losses.topological import (
     diagram_from_pairs,
     persistence_pairs,
     reduce_volume,
+    reduced_diagrams,
     reduction_kernel,
     topological_loss_batch,
     topological_loss_single,
@@ -353,3 +354,23 @@ def test_batch_loss_equals_the_volumes_one_by_one():
         assert loss[v].item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
         assert torch.allclose(batch.grad[v], single.grad)
     assert loss[0].item() > 0 and loss[2].item() > 0 and batch.grad[1].abs().sum() > 0
+
+
+def test_reduced_diagrams_are_what_the_loss_sees():
+    # the pictures show the points the loss matches and the loss's value, not a look-alike
+    torch.manual_seed(1)
+    image = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 40, 56, 40), 5, stride=1, padding=2)
+    recon = image + 0.05 * torch.randn_like(image)
+    out = reduced_diagrams({"input": image[0, 0].numpy(), "recon": recon[0, 0].numpy(),
+                            "same": image[0, 0].numpy()}, max_size=32, max_voxels=4096, max_pairs=16)
+    assert list(out) == ["input", "recon", "same"]
+    loss = TopologicalLoss(max_size=32, max_pairs=16, max_voxels=4096)(recon, image).item()
+    assert out["recon"][1] > 0 and out["recon"][1] == pytest.approx(loss, rel=1e-6)
+    assert out["input"][1] == 0.0 and out["same"][1] == pytest.approx(0.0, abs=1e-12)
+    reduced = reduce_volume(image, 32, 4096)[0, 0].numpy().astype(np.float64)
+    pairs = persistence_pairs(reduced, max_pairs=16)
+    for d in (0, 1, 2):
+        diag = out["input"][0][d]
+        assert diag.shape == (len(pairs[d]), 2) and len(diag) <= 16
+        assert np.allclose(diag, diagram_from_pairs(reduced, pairs[d]))
+        assert np.all(diag[:, 1] > diag[:, 0])

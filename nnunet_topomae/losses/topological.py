@@ -317,6 +317,24 @@ def topological_loss_single(recon: torch.Tensor, target, dims=(0, 1, 2), max_pai
     return topological_loss_batch(recon[None], target[None], [recon_pairs], [target_pairs], dims)[0]
 
 
+def reduced_diagrams(volumes: dict, max_size: int = 32, max_voxels: int | None = None, dims=(0, 1, 2),
+                     max_pairs: int | None = None, backend: str = "gudhi") -> dict:
+    """What L_topo sees of each volume, for pictures: name -> ({d: (n, 2) finite (birth, death)},
+    L_topo against the first volume). Volumes are reduced and their points selected exactly as in
+    ``TopologicalLoss`` (float32 pooling, then float64 persistence)."""
+    out, ref = {}, None
+    for name, volume in volumes.items():
+        r = reduce_volume(torch.as_tensor(np.asarray(volume), dtype=torch.float32)[None, None], max_size,
+                          max_voxels)[0, 0].double()
+        pairs = persistence_pairs(r.numpy(), dims, max_pairs, backend)
+        if ref is None:
+            ref, loss = (r.numpy(), pairs), 0.0
+        else:
+            loss = float(topological_loss_batch(r[None], ref[0][None], [pairs], [ref[1]], dims)[0])
+        out[name] = ({d: diagram_from_pairs(r.numpy(), pairs[d]) for d in dims}, loss)
+    return out
+
+
 class TopologicalLoss(torch.nn.Module):
     """Batch L_topo on reduced-resolution volumes, averaged over batch and channels.
 

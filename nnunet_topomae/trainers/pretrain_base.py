@@ -225,8 +225,12 @@ class nnUNetPretrainTrainerBase(TopoMAETrainerMixin, nnUNetTrainer):
                 cols = self.preview_columns(self._preview_batch)
             save_volume_preview(cols, join(self.output_folder, "reconstruction_preview.png"),
                                 title=f"{self.__class__.__name__}, epoch {self.current_epoch} (validation case)")
+            self.write_extra_pictures(cols)
         except Exception as e:  # a picture must never stop a training run
-            self.print_to_log_file(f"Could not write the reconstruction preview: {e}")
+            self.print_to_log_file(f"Could not write the preview pictures: {e}")
+
+    def write_extra_pictures(self, columns: Dict[str, np.ndarray]) -> None:
+        """Further pictures of the preview's volumes (``preview_columns``); none by default."""
 
     # ------------------------------------------------------------------ checkpoints
     def pretraining_record(self) -> dict:

@@ -12,14 +12,16 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_topomae.architectures.topomae_net import TopoMAENetwork
 from nnunet_topomae.architectures.vit3d import VIT_PRESETS, ViTConfig, token_size_from_plan
-from nnunet_topomae.losses.topological import TopologicalLoss, require_backend
+from nnunet_topomae.losses.topological import TopologicalLoss, reduced_diagrams, reduction_kernel, require_backend
 from nnunet_topomae.losses.topomae_loss import TopoMAELoss
 from nnunet_topomae.trainers.pretrain_base import nnUNetPretrainTrainerBase
 from nnunet_topomae.utils.memory import keep_freed_memory
+from nnunet_topomae.utils.plotting import save_persistence_diagrams
 
 
 def build_plan_cnn(configuration_manager, num_input_channels: int, num_output_channels: int,
@@ -120,6 +122,21 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
             cnn = out["cnn_recon"]
             cols["CNN reconstruction"] = cnn[0] if isinstance(cnn, (list, tuple)) else cnn
         return {k: v[0, 0].float().cpu().numpy() for k, v in cols.items()}
+
+    def write_extra_pictures(self, columns: Dict[str, np.ndarray]) -> None:
+        # the diagrams the topological loss matches (reduced volume, top-k points), also for _noTopo and
+        # MAE, whose reconstructions are then judged by a loss they never saw
+        volumes = {k: v for k, v in columns.items() if k != "masked input"}
+        # an optional backend is only checked when the loss uses it; gudhi is always there
+        backend = self.topo_backend if self.loss.topo_loss is not None else "gudhi"
+        diagrams = reduced_diagrams(volumes, self.topo_max_size, self.topo_max_voxels,
+                                    max_pairs=self.topo_max_pairs, backend=backend)
+        shape = columns["input"].shape
+        reduced = "x".join(str(-(-s // k)) for s, k in zip(shape, reduction_kernel(shape, self.topo_max_size,
+                                                                                     self.topo_max_voxels)))
+        save_persistence_diagrams(diagrams, join(self.output_folder, "persistence_diagrams.png"),
+                                  title=f"{self.__class__.__name__}, epoch {self.current_epoch}: persistence of the "
+                                        f"validation case reduced to {reduced}, top {self.topo_max_pairs} points per dimension")
 
     def pretraining_record(self) -> dict:
         rec = super().pretraining_record()

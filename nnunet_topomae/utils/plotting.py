@@ -64,3 +64,35 @@ def save_volume_preview(columns: Dict[str, np.ndarray], path: str, title: str = 
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+@_default_style
+def save_persistence_diagrams(diagrams: Dict[str, tuple], path: str, title: str = "") -> None:
+    """One panel per homology dimension, every volume's finite points (birth, death) overlaid.
+    diagrams: name -> ({dim: (n, 2) array}, L_topo against the first volume), as from
+    ``nnunet_topomae.losses.topological.reduced_diagrams``; the first volume is the reference."""
+    names = list(diagrams)
+    dims = sorted(diagrams[names[0]][0])
+    fig, axes = plt.subplots(1, len(dims), figsize=(4.2 * len(dims), 4.4), squeeze=False)
+    points = [p for diag, _ in diagrams.values() for p in diag.values() if len(p)]
+    lo, hi = (min(p.min() for p in points), max(p.max() for p in points)) if points else (0.0, 1.0)
+    pad = 0.05 * (hi - lo or 1.0)
+    for ax, d in zip(axes[0], dims):
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", lw=1)  # the diagonal
+        for i, name in enumerate(names):
+            diag, loss = diagrams[name]
+            label = name if i == 0 else f"{name} (L_topo {loss:.3g})"
+            ax.scatter(diag[d][:, 0], diag[d][:, 1], s=12 if i == 0 else 9, color=f"C{i}",
+                       marker="o" if i == 0 else "x", alpha=0.8, label=f"{label}: {len(diag[d])}")
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_aspect("equal")
+        ax.set_title(f"H{d}", fontsize=10)
+        ax.set_xlabel("birth")
+        ax.set_ylabel("death")
+        ax.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -59,7 +59,7 @@ def test_run_writes_every_output(topomae_pretrain_run):
     # the test trainer writes checkpoint_latest.pth after epoch 0; the finished run must remove it
     assert "checkpoint_latest.pth" not in files, files
     assert not [f for f in files if f.startswith(".tmp_")], f"temporary files left behind: {files}"
-    for png in ("progress.png", "loss_terms.png", "reconstruction_preview.png"):
+    for png in ("progress.png", "loss_terms.png", "reconstruction_preview.png", "persistence_diagrams.png"):
         assert is_png(os.path.join(fold, png)), f"{png} missing, empty or not a PNG in {fold}: {files}"
     assert glob.glob(os.path.join(fold, "training_log_*.txt"))
     assert "Traceback" not in topomae_pretrain_run.stderr, topomae_pretrain_run.stderr[-3000:]
@@ -136,6 +136,7 @@ def test_mae_baseline_run(nnunet_dataset):
     assert ckpt["pretraining"]["has_cnn"] is False
     assert set(ckpt["term_history"]["train"]) == {"rec_vit", "loss"}
     assert is_png(os.path.join(fold, "reconstruction_preview.png"))
+    assert is_png(os.path.join(fold, "persistence_diagrams.png"))  # input against the ViT's reconstruction
 
 
 # ----------------------------------------------------------------------------- --c
