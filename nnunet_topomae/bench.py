@@ -99,8 +99,9 @@ def add_parser(sub) -> None:
                    help="most persistent pairs per dimension kept (default 64; 0: all)")
     t.add_argument("--backend", default="gudhi", choices=["gudhi", "cripser"],
                    help="persistence backend (default gudhi; cripser is an optional GPL-3.0 extra)")
-    t.add_argument("--workers", type=_non_negative_int, default=2,
-                   help="processes of the persistence pool (default 2, as the TopoMAE trainer; 0: serial)")
+    t.add_argument("--workers", type=_non_negative_int, default=None,
+                   help="processes of the persistence pool (default: as the TopoMAE trainer, one per "
+                        "reconstruction within half the cores, at least 2; 0: serial)")
     t.add_argument("--branches", type=_positive_int, default=2,
                    help="reconstructions per sample (default 2: ViT and CNN, as TopoMAE)")
     t.add_argument("--repeats", type=_positive_int, default=10, help="timed repeats (default 10)")
@@ -847,6 +848,9 @@ def format_topo_table(report: dict) -> str:
 
 
 def cmd_topo(args) -> int:
+    if args.workers is None:
+        from nnunet_topomae.losses.topological import default_pool_workers
+        args.workers = default_pool_workers(args.batch * args.branches)
     _progress(args, f"bench topo: {args.repeats} repeats after one untimed round"
                     + (f"; starting a pool of {args.workers} persistence processes" if args.workers else ""))
     report = measure_topo(args)

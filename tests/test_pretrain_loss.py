@@ -2,6 +2,7 @@
 lower the total loss, the topological term included."""
 from __future__ import annotations
 
+import os
 import time
 import types
 
@@ -79,6 +80,33 @@ def test_optimisation_lowers_the_total_loss():
     assert elapsed < 20, f"15 steps took {elapsed:.1f} s"
 
 
+def _bare_trainer(cls, batch_size: int = 2):
+    """A trainer with only what ``_build_loss`` reads besides class attributes (nnU-Net's initialize()
+    sets the batch size and input channels before it builds the loss)."""
+    trainer = object.__new__(cls)
+    trainer.batch_size, trainer.num_input_channels, trainer.is_ddp = batch_size, 1, False
+    return trainer
+
+
+def test_pool_size_follows_the_batch_and_the_cores(monkeypatch):
+    from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrain
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    class ViTOnly(nnUNetTrainerTopoMAEPretrain):
+        use_cnn = False
+
+    sizes = {}
+    for cls, batch in ((nnUNetTrainerTopoMAEPretrain, 9), (nnUNetTrainerTopoMAEPretrain, 2), (ViTOnly, 2)):
+        sizes[(cls.__name__, batch)] = _bare_trainer(cls, batch)._build_loss().topo_loss.workers
+    # 16 cores: half of them, but no more than the step's reconstructions (batch x 2 branches; ViT only: 1)
+    assert sizes == {("nnUNetTrainerTopoMAEPretrain", 9): 8, ("nnUNetTrainerTopoMAEPretrain", 2): 4, ("ViTOnly", 2): 2}
+
+    class Fixed(nnUNetTrainerTopoMAEPretrain):
+        topo_workers = 0
+
+    assert _bare_trainer(Fixed, 9)._build_loss().topo_loss.workers == 0  # a set value is kept
+
+
 def test_trainer_gives_loss_and_data_workers_one_reduction():
     # the inputs' diagrams (data-loading workers) and the reconstructions' (loss) must come from
     # volumes reduced the same way, or the matching compares diagrams of different resolutions
@@ -88,7 +116,7 @@ def test_trainer_gives_loss_and_data_workers_one_reduction():
         topo_max_size, topo_max_voxels = 24, 4096
 
     for cls in (nnUNetTrainerTopoMAEPretrain, Coarse):
-        trainer = object.__new__(cls)  # only class attributes are read
+        trainer = _bare_trainer(cls)
         trainer.loss = trainer._build_loss()
         topo, fn = trainer.loss.topo_loss, trainer.persistence_fn()
         assert (topo.max_size, topo.max_voxels) == (fn.max_size, fn.max_voxels) == (cls.topo_max_size,
@@ -98,7 +126,7 @@ def test_trainer_gives_loss_and_data_workers_one_reduction():
     class NoTopo(nnUNetTrainerTopoMAEPretrain):
         w_topo = 0.0
 
-    trainer = object.__new__(NoTopo)
+    trainer = _bare_trainer(NoTopo)
     trainer.loss = trainer._build_loss()
     assert trainer.loss.topo_loss is None and trainer.persistence_fn() is None
 
@@ -128,7 +156,7 @@ def test_speed_variants_change_only_their_setting(monkeypatch):
     every2.loss = types.SimpleNamespace(topo_loss=topological.TopologicalLoss())
     assert every2.persistence_fn() is None  # inputs' persistence on the step, only when the term is computed
 
-    cripser = object.__new__(variants.nnUNetTrainerTopoMAEPretrain_cripser)
+    cripser = _bare_trainer(variants.nnUNetTrainerTopoMAEPretrain_cripser)
     monkeypatch.setattr(topological, "available_backends", lambda: ["gudhi"])
     with pytest.raises(UserInputError, match="pip install cripser"):
         cripser._build_loss()

@@ -374,3 +374,12 @@ def test_reduced_diagrams_are_what_the_loss_sees():
         assert diag.shape == (len(pairs[d]), 2) and len(diag) <= 16
         assert np.allclose(diag, diagram_from_pairs(reduced, pairs[d]))
         assert np.all(diag[:, 1] > diag[:, 0])
+
+
+def test_default_pool_workers():
+    from nnunet_topomae.losses.topological import default_pool_workers
+    assert default_pool_workers(4, cores=2) == 2  # the 2-core development machine: as before
+    assert default_pool_workers(18, cores=16) == 8  # half the cores
+    assert default_pool_workers(4, cores=64) == 4  # no more processes than volumes
+    assert default_pool_workers(18, cores=16, ranks=4) == 2  # DDP: each rank's share of the cores
+    assert default_pool_workers(1, cores=2) == 1

@@ -12,12 +12,14 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_topomae.architectures.topomae_net import TopoMAENetwork
 from nnunet_topomae.architectures.vit3d import VIT_PRESETS, ViTConfig, token_size_from_plan
-from nnunet_topomae.losses.topological import TopologicalLoss, reduced_diagrams, reduction_kernel, require_backend
+from nnunet_topomae.losses.topological import (TopologicalLoss, default_pool_workers, reduced_diagrams,
+                                                reduction_kernel, require_backend)
 from nnunet_topomae.losses.topomae_loss import TopoMAELoss
 from nnunet_topomae.trainers.pretrain_base import nnUNetPretrainTrainerBase
 from nnunet_topomae.utils.memory import keep_freed_memory
@@ -60,7 +62,9 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
     topo_max_voxels: Optional[int] = 12288
     topo_max_pairs: int = 64
     topo_backend: str = "gudhi"       # 'cripser' (optional extra, GPL-3.0) is faster
-    topo_workers: int = 2             # processes for the reconstructions' persistence (0: in process)
+    # processes for the reconstructions' persistence (0: in process; None: default_pool_workers, i.e.
+    # 2 on a 2-core machine, up to one per reconstruction of a step where there are more cores)
+    topo_workers: Optional[int] = None
     topo_inputs_in_dataloader: bool = True
     topo_every: int = 1               # compute the topological term every N steps
     # glibc keeps freed big blocks instead of faulting them in again every step (nnunet_topomae.utils.memory)
@@ -78,8 +82,12 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
     def _build_loss(self):
         if self.w_topo > 0:
             require_backend(self.topo_backend, hint=f" with {type(self).__name__}, or use nnUNetTrainerTopoMAEPretrain (gudhi)")
+        workers = self.topo_workers
+        if workers is None:  # nnU-Net's initialize() has set this rank's batch size before _build_loss
+            volumes = self.batch_size * self.num_input_channels * (2 if self.use_cnn else 1)
+            workers = default_pool_workers(volumes, ranks=dist.get_world_size() if self.is_ddp else 1)
         topo = TopologicalLoss(max_size=self.topo_max_size, max_pairs=self.topo_max_pairs, backend=self.topo_backend,
-                               workers=self.topo_workers, max_voxels=self.topo_max_voxels) if self.w_topo > 0 else None
+                               workers=workers, max_voxels=self.topo_max_voxels) if self.w_topo > 0 else None
         return TopoMAELoss(self.w_rec, self.w_topo, self.w_spatial if self.spatial_heads else 0.0,
                            self.w_rec_consistency if self.use_cnn else 0.0,
                            self.w_spatial_consistency if (self.use_cnn and self.spatial_heads) else 0.0,
@@ -107,6 +115,8 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
         self.print_to_log_file(f"glibc malloc keeps freed memory (malloc_keep_freed): {kept}")
         if self.loss.topo_loss is not None:
             self.loss.topo_loss.start()  # the pool's start-up (seconds) is not charged to the first step
+            self.print_to_log_file(f"topological loss: reconstructions' persistence in {self.loss.topo_loss.workers} "
+                                   f"processes (topo_workers), backend {self.loss.topo_loss.backend}")
 
     def on_train_end(self):
         super().on_train_end()

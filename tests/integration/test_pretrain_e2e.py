@@ -29,6 +29,7 @@ from integration.helpers import (
 )
 from nnunet_topomae.architectures.vit3d import ViTConfig, ViTEncoder3D, token_size_from_plan
 from nnunet_topomae.cli import EXT_TRAINER_DIR
+from nnunet_topomae.losses.topological import default_pool_workers
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +100,7 @@ def test_checkpoint_contents(topomae_pretrain_run, nnunet_dataset):
     assert "pretraining" in best and best["current_epoch"] <= EPOCHS
 
 
-def test_training_log_mentions_every_loss_term(topomae_pretrain_run):
+def test_training_log_mentions_every_loss_term(topomae_pretrain_run, nnunet_dataset):
     logs = glob.glob(os.path.join(topomae_pretrain_run.output_folder, "training_log_*.txt"))
     text = "\n".join(_read(p) for p in logs)
     for term in TOPOMAE_TERMS + ["train_loss", "val_loss"]:
@@ -108,6 +109,9 @@ def test_training_log_mentions_every_loss_term(topomae_pretrain_run):
     # the trainer's malloc setting took effect in the real training process (glibc on Linux)
     if sys.platform.startswith("linux"):
         assert "glibc malloc keeps freed memory (malloc_keep_freed): True" in text
+    # the persistence pool's default size, from the plan's batch (x 2 branches) and this machine's cores
+    batch = nnunet_dataset.load_plans()["configurations"]["3d_fullres"]["batch_size"]
+    assert f"reconstructions' persistence in {default_pool_workers(batch * 2)} processes" in text
 
 
 def test_checkpoints_are_readable_like_other_outputs(topomae_pretrain_run):
