@@ -44,26 +44,36 @@ ARMS = {  # arm -> (pretraining trainer or None, finetuning trainer)
 }
 PRETRAIN_SCALE = {"topomae_longpre": 3}  # arm -> multiple of its tier's pretraining steps (default 1)
 
-# tier -> schedule and which (arm, labelled, seeds) runs
+# the issue's protocol: its six arms; 3 seeds of the anchor and the product with 5 labelled cases, one of
+# the others; 20 and all labels for the anchor and the product
+PROTOCOL = [("scratch_nnunet", 5, 3), ("topomae", 5, 3), ("scratch_hybrid", 5, 1), ("mae", 5, 1),
+            ("topomae_notopo", 5, 1), ("hybridmim", 5, 1),
+            ("scratch_nnunet", 20, 1), ("topomae", 20, 1), ("scratch_nnunet", "all", 1), ("topomae", "all", 1)]
+# tier -> schedule, the protocol's runs and the further runs of docs/BENCHMARKS.md (--extras): more seeds,
+# the transfer-recipe attempts, and the hybrid network from scratch with more labels, which separates what
+# pretraining adds from what the network adds where labels are not scarce
 TIERS = {
     "quick": dict(pretrain_steps=1000, finetune_steps=1000, iters=50, plans="cpu",
-                  runs=[("scratch_nnunet", 5, 1), ("topomae", 5, 1)]),
-    "cpu": dict(pretrain_steps=1000, finetune_steps=2500, iters=50, plans="cpu",
-                runs=[("scratch_nnunet", 5, 3), ("topomae", 5, 3), ("topomae_lowcnnlr", 5, 1),
-                      ("scratch_hybrid", 5, 2), ("mae", 5, 3),
-                      ("topomae_notopo", 5, 3), ("topomae_lowtopo", 5, 1), ("hybridmim", 5, 1), ("hybridmim_warmup", 5, 1),
-                      ("topomae_longpre", 5, 1),
-                      ("scratch_nnunet", 20, 2), ("topomae", 20, 2), ("scratch_nnunet", "all", 1),
-                      ("topomae", "all", 1),
-                      # beyond the issue: the hybrid network from scratch with more labels separates what
-                      # pretraining adds from what the network adds where the labels are not scarce (two
-                      # seeds with 20 labels, where that split was within noise with one)
-                      ("scratch_hybrid", 20, 2), ("scratch_hybrid", "all", 1)]),
-    "full": dict(pretrain_steps=250 * 1000, finetune_steps=250 * 1000, iters=250, plans="default",
-                 runs=[(a, n, 3 if a in ("scratch_nnunet", "topomae") and n == 5 else 1)
-                       for a in ARMS if a not in PRETRAIN_SCALE for n in (5,)] + [(a, n, 1) for a in ("scratch_nnunet", "topomae")
-                                                       for n in (20, "all")]),
+                  runs=[("scratch_nnunet", 5, 1), ("topomae", 5, 1)], extra_runs=[]),
+    "cpu": dict(pretrain_steps=1000, finetune_steps=2500, iters=50, plans="cpu", runs=PROTOCOL,
+                extra_runs=[("scratch_hybrid", 5, 2), ("mae", 5, 3), ("topomae_notopo", 5, 3),
+                            ("topomae_lowcnnlr", 5, 1), ("topomae_lowtopo", 5, 1), ("hybridmim_warmup", 5, 1),
+                            ("topomae_longpre", 5, 1), ("scratch_nnunet", 20, 2), ("topomae", 20, 2),
+                            ("scratch_hybrid", 20, 2), ("scratch_hybrid", "all", 1)]),
+    "full": dict(pretrain_steps=250 * 1000, finetune_steps=250 * 1000, iters=250, plans="default", runs=PROTOCOL,
+                 extra_runs=[(a, 5, 1) for a in ARMS if a not in {r[0] for r in PROTOCOL} | set(PRETRAIN_SCALE)]),
 }
+
+
+def tier_runs(tier: dict, extras: bool = False) -> List[tuple]:
+    """(arm, labelled, seeds) of a tier: the protocol's, and with ``extras`` the further runs too (an
+    (arm, labelled) in both gets the larger number of seeds, in the protocol's place)."""
+    seeds = {}
+    for arm, labelled, n in tier["runs"] + (tier["extra_runs"] if extras else []):
+        seeds[(arm, labelled)] = max(n, seeds.get((arm, labelled), 0))
+    return [(arm, labelled, n) for (arm, labelled), n in seeds.items()]
+
+
 CPU_PLANS = dict(batch_size=2, features=[16, 32, 64, 128])
 DATASET_ID = 950
 
@@ -236,6 +246,9 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None, help="restrict to these arms")
     ap.add_argument("--labelled", nargs="*", default=None,
                     help="restrict to these labelled subsets (5, 20, all), e.g. to repeat seeds with 5 cases first")
+    ap.add_argument("--extras", action="store_true",
+                    help="also the further runs of docs/BENCHMARKS.md (more seeds, transfer-recipe attempts, the hybrid "
+                         "network from scratch with 20 and all labels); without it, the issue's protocol only")
     ap.add_argument("--seeds", nargs="*", type=int, default=None,
                     help="restrict to these seeds (0, 1, ...), e.g. every arm's seed 0 in one sitting")
     args = ap.parse_args()
@@ -252,7 +265,8 @@ def main() -> int:
     if tier["plans"] == "cpu":
         plans = "nnUNetPlansCPU"
         make_plans_variant(pre_dir, plans, **CPU_PLANS)
-    max_seeds = max(s for _, _, s in tier["runs"])
+    runs = tier_runs(tier, args.extras)
+    max_seeds = max(s for _, _, s in tier_runs(tier, extras=True))  # the same fold numbers with or without --extras
     split_info = write_splits(pre_dir, max_seeds)
     with open(os.path.join(out, "labelled_subsets.json"), "w") as f:
         json.dump({k: v for k, v in split_info.items() if k != "fold_of"}, f, indent=1)
@@ -268,7 +282,7 @@ def main() -> int:
     train = lambda tr, fold: [nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(fold), "-p", plans,
                               "-tr", tr, "-device", args.device]
     t_all = time.time()
-    for arm, labelled, seed in run_order(tier["runs"]):
+    for arm, labelled, seed in run_order(runs):
         if args.only and arm not in args.only:
             continue
         if args.labelled and str(labelled) not in args.labelled:

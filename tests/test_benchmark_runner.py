@@ -25,7 +25,7 @@ def runner():
 @pytest.mark.parametrize("tier", ["quick", "cpu", "full"])
 def test_every_arm_has_its_own_finetuning_class(runner, tier, tmp_path):
     names = runner.write_trainer_shims(str(tmp_path), runner.TIERS[tier])
-    arms = {arm for arm, _, _ in runner.TIERS[tier]["runs"]}
+    arms = {arm for arm, _, _ in runner.tier_runs(runner.TIERS[tier], extras=True)}
     fine = [names[("fine", arm)] for arm in arms]
     assert len(set(fine)) == len(fine), fine
     source = (tmp_path / "nnunet_topomae_bench_trainers.py").read_text()
@@ -65,9 +65,25 @@ def test_results_of_another_budget_are_neither_resumed_nor_reported(runner):
     assert runner.same_budget(dict(arm="scratch_nnunet", steps=tier["finetune_steps"], pretrain_steps=0), tier)
 
 
+def test_tiers_run_the_issues_protocol_and_the_extras_on_request(runner):
+    six = {"scratch_nnunet", "scratch_hybrid", "mae", "topomae", "topomae_notopo", "hybridmim"}
+    for name in ("cpu", "full"):
+        tier = runner.TIERS[name]
+        protocol = {(a, str(n)): s for a, n, s in runner.tier_runs(tier)}
+        assert {a for a, _ in protocol} == six
+        assert all(protocol[(a, "5")] >= (3 if a in ("scratch_nnunet", "topomae") else 1) for a in six)
+        assert {k for k in protocol if k[1] != "5"} == {(a, n) for a in ("scratch_nnunet", "topomae") for n in ("20", "all")}
+        both = {(a, str(n)): s for a, n, s in runner.tier_runs(tier, extras=True)}
+        assert {a for a, _ in both} == set(runner.ARMS) - (set(runner.PRETRAIN_SCALE) if name == "full" else set())
+        assert all(both[k] >= s for k, s in protocol.items())  # extras add seeds, never remove any
+        assert len(both) == len(set(both))
+    assert {(a, str(n)): s for a, n, s in runner.tier_runs(runner.TIERS["cpu"], extras=True)}[("topomae_notopo", "5")] == 3
+
+
 def test_run_order_measures_every_arm_once_before_repeating_seeds(runner):
-    order = runner.run_order(runner.TIERS["cpu"]["runs"])
-    expected = sum(s for _, _, s in runner.TIERS["cpu"]["runs"])
+    runs = runner.tier_runs(runner.TIERS["cpu"], extras=True)
+    order = runner.run_order(runs)
+    expected = sum(s for _, _, s in runs)
     assert len(order) == len(set(order)) == expected
     first_repeat = next(i for i, r in enumerate(order) if r[2] > 0)
     assert {a for a, _, _ in order[:first_repeat]} == set(runner.ARMS)
