@@ -348,6 +348,7 @@ def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
     lines += paired_lines(results)
     lines += paired_lines(results, anchor="scratch_hybrid")  # what pretraining adds to the same network
     lines += paired_lines(results, anchor="mae")  # the goal: TopoMAE above plain MAE
+    lines += paired_lines(results, anchor="topomae")  # each ablation or attempt against the product it changes
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     # one panel per labelled subset, arms side by side in the same order and colour in every panel

@@ -131,3 +131,7 @@ def test_paired_difference_pairs_cases_and_reports_interval(runner, tmp_path):
     assert len(rows) == 1
     assert rows[0].split(" | ")[3] == "+2.00" and rows[0].endswith("| 3 of 3 |")
     assert not any(r.startswith("| topomae | 5 | 1 |") for r in (tmp_path / "results.md").read_text().splitlines())
+    # a last table pairs every other arm with the product, TopoMAE (what an ablation changes)
+    text = (tmp_path / "results.md").read_text()
+    against_topomae = text[text.index("Paired with topomae"):].splitlines()
+    assert [r for r in against_topomae if r.startswith("| scratch_nnunet | 5 | 0 |")][0].split(" | ")[3] == "-2.00"
