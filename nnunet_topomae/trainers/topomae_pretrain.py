@@ -80,14 +80,15 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
         return TopoMAENetwork(cfg, cnn, mask_ratio=cls.mask_ratio, spatial_heads=cls.spatial_heads)
 
     def _build_loss(self):
+        topo = None
         if self.w_topo > 0:
             require_backend(self.topo_backend, hint=f" with {type(self).__name__}, or use nnUNetTrainerTopoMAEPretrain (gudhi)")
-        workers = self.topo_workers
-        if workers is None:  # nnU-Net's initialize() has set this rank's batch size before _build_loss
-            volumes = self.batch_size * self.num_input_channels * (2 if self.use_cnn else 1)
-            workers = default_pool_workers(volumes, ranks=dist.get_world_size() if self.is_ddp else 1)
-        topo = TopologicalLoss(max_size=self.topo_max_size, max_pairs=self.topo_max_pairs, backend=self.topo_backend,
-                               workers=workers, max_voxels=self.topo_max_voxels) if self.w_topo > 0 else None
+            workers = self.topo_workers
+            if workers is None:  # nnU-Net's initialize() has set this rank's batch size before _build_loss
+                volumes = self.batch_size * self.num_input_channels * (2 if self.use_cnn else 1)
+                workers = default_pool_workers(volumes, ranks=dist.get_world_size() if self.is_ddp else 1)
+            topo = TopologicalLoss(max_size=self.topo_max_size, max_pairs=self.topo_max_pairs, backend=self.topo_backend,
+                                   workers=workers, max_voxels=self.topo_max_voxels)
         return TopoMAELoss(self.w_rec, self.w_topo, self.w_spatial if self.spatial_heads else 0.0,
                            self.w_rec_consistency if self.use_cnn else 0.0,
                            self.w_spatial_consistency if (self.use_cnn and self.spatial_heads) else 0.0,
@@ -115,8 +116,10 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
         self.print_to_log_file(f"glibc malloc keeps freed memory (malloc_keep_freed): {kept}")
         if self.loss.topo_loss is not None:
             self.loss.topo_loss.start()  # the pool's start-up (seconds) is not charged to the first step
-            self.print_to_log_file(f"topological loss: reconstructions' persistence in {self.loss.topo_loss.workers} "
-                                   f"processes (topo_workers), backend {self.loss.topo_loss.backend}")
+            n = self.loss.topo_loss.workers
+            self.print_to_log_file(f"topological loss: reconstructions' persistence in "
+                                   f"{f'{n} processes' if n else 'the training process'} (topo_workers), "
+                                   f"backend {self.loss.topo_loss.backend}")
 
     def on_train_end(self):
         super().on_train_end()
