@@ -41,6 +41,8 @@ ARMS = {  # arm -> (pretraining trainer or None, finetuning trainer)
     "topomae_lowtopo": ("nnUNetTrainerTopoMAEPretrain_lowTopo", "nnUNetTrainerTopoMAEFinetune"),
     # transfer-recipe attempt: the same TopoMAE pretraining, three times as long (PRETRAIN_SCALE)
     "topomae_longpre": ("nnUNetTrainerTopoMAEPretrain", "nnUNetTrainerTopoMAEFinetune"),
+    # transfer-recipe attempt: the same TopoMAE weights, CNN decoder fresh (encoders only)
+    "topomae_encoderonly": ("nnUNetTrainerTopoMAEPretrain", "nnUNetTrainerTopoMAEFinetune_encoderOnly"),
 }
 PRETRAIN_SCALE = {"topomae_longpre": 3}  # arm -> multiple of its tier's pretraining steps (default 1)
 
@@ -59,7 +61,8 @@ TIERS = {
                 extra_runs=[("scratch_hybrid", 5, 2), ("mae", 5, 3), ("topomae_notopo", 5, 3),
                             ("topomae_lowcnnlr", 5, 1), ("topomae_lowtopo", 5, 1), ("hybridmim_warmup", 5, 1),
                             ("topomae_longpre", 5, 1), ("scratch_nnunet", 20, 2), ("topomae", 20, 2),
-                            ("scratch_hybrid", 20, 2), ("scratch_hybrid", "all", 1)]),
+                            ("scratch_hybrid", 20, 2), ("scratch_hybrid", "all", 1), ("topomae_encoderonly", 5, 3),
+                            ("scratch_nnunet", "all", 2), ("topomae", "all", 2)]),
     "full": dict(pretrain_steps=250 * 1000, finetune_steps=250 * 1000, iters=250, plans="default", runs=PROTOCOL,
                  extra_runs=[(a, 5, 1) for a in ARMS if a not in {r[0] for r in PROTOCOL} | set(PRETRAIN_SCALE)]),
 }

@@ -10,7 +10,7 @@ weights the stock way).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -68,17 +68,26 @@ def check_compatibility(record: dict, expected: dict, fname: str) -> None:
         raise UserInputError(f"{fname} does not fit this run: " + "; ".join(mismatches))
 
 
-def select_transfer(model_state: Dict[str, torch.Tensor], pretrained: Dict[str, torch.Tensor]
+def select_transfer(model_state: Dict[str, torch.Tensor], pretrained: Dict[str, torch.Tensor],
+                    parts: Optional[Sequence[str]] = None
                     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[str]], List[str]]:
     """Returns (tensors to load, loaded key names per part, keys that start fresh).
 
-    A key is taken when it belongs to a pretrained part, is not a segmentation/reconstruction head
-    (``.seg_layers.``) and has the same shape; ViT-encoder keys must all be present (a checkpoint
-    missing them is broken), CNN keys may be absent as a whole (plain-MAE pretraining has no CNN)."""
-    load, per_part, fresh = {}, {name: [] for _, name in PRETRAINED_PARTS}, []
+    A key is taken when it belongs to a pretrained part named in ``parts`` (default: all of
+    ``PRETRAINED_PARTS``), is not a segmentation/reconstruction head (``.seg_layers.``) and has the
+    same shape; ViT-encoder keys must all be present (a checkpoint missing them is broken), CNN keys
+    may be absent as a whole (plain-MAE pretraining has no CNN). Parts left out of ``parts`` start
+    fresh whatever the checkpoint holds."""
+    names = [name for _, name in PRETRAINED_PARTS]
+    parts = names if parts is None else list(parts)
+    unknown = sorted(set(parts) - set(names))
+    if unknown or "ViT encoder" not in parts:
+        raise UserInputError(f"transfer parts {parts}: each must be one of {names}, and 'ViT encoder' is always "
+                             f"transferred (it is what the pretraining is for)")
+    load, per_part, fresh = {}, {name: [] for name in names}, []
     for key, value in model_state.items():
         part = pretrained_part(key)
-        if part is None:
+        if part is None or part not in parts:
             fresh.append(key)
             continue
         src = pretrained.get(key)
@@ -93,7 +102,8 @@ def select_transfer(model_state: Dict[str, torch.Tensor], pretrained: Dict[str, 
                                  f"{tuple(value.shape)} in this network: the checkpoint comes from other plans")
         load[key] = src
         per_part[part].append(key)
-    cnn_keys = [k for k in model_state if k.startswith("cnn.") and ".seg_layers." not in k]
+    # all or nothing within the CNN parts asked for: part of them means another architecture
+    cnn_keys = [k for k in model_state if pretrained_part(k) in set(parts) - {"ViT encoder"}]
     got_cnn = [k for k in cnn_keys if k in load]
     if got_cnn and len(got_cnn) != len(cnn_keys):
         missing = sorted(set(cnn_keys) - set(got_cnn))

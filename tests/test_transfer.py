@@ -115,3 +115,26 @@ def test_hook_dispatches_only_networks_with_a_loader(monkeypatch):
     monkeypatch.setattr(transfer, "_original_loader", lambda n, f, v=False: calls.append(("stock", f)))
     rt.load_pretrained_weights(torch.nn.Linear(1, 1), "y.pth")
     assert calls[-1] == ("stock", "y.pth")
+
+
+def test_encoder_only_transfer_leaves_the_cnn_decoder_fresh(nets):
+    target = nets["finetune"].state_dict()
+    src = nets["topomae"].state_dict()
+    load, per_part, fresh = transfer.select_transfer(target, src, ("ViT encoder", "CNN encoder"))
+    assert per_part["ViT encoder"] and per_part["CNN encoder"] and not per_part["CNN decoder"]
+    assert not any(k.startswith("cnn.decoder.") for k in load)
+    assert {k for k in target if k.startswith("cnn.decoder.")} <= set(fresh)
+    assert set(load) | set(fresh) == set(target)
+    # the same encoder tensors as a whole-network transfer
+    full, _, _ = transfer.select_transfer(target, src)
+    assert set(load) == {k for k in full if not k.startswith("cnn.decoder.")}
+    # the trainer variant asks for exactly this
+    from nnunet_topomae.trainers import nnUNetTrainerTopoMAEFinetune_encoderOnly
+    assert set(nnUNetTrainerTopoMAEFinetune_encoderOnly.transfer_parts) == {"ViT encoder", "CNN encoder"}
+
+
+def test_transfer_parts_are_checked(nets):
+    with pytest.raises(UserInputError, match="must be one of"):
+        transfer.select_transfer(nets["finetune"].state_dict(), nets["topomae"].state_dict(), ("CNN encoder",))
+    with pytest.raises(UserInputError, match="must be one of"):
+        transfer.select_transfer(nets["finetune"].state_dict(), nets["topomae"].state_dict(), ("ViT encoder", "decoder"))

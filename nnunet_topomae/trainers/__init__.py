@@ -16,6 +16,7 @@ from nnunet_topomae.trainers.topomae_finetune import nnUNetTrainerTopoMAEFinetun
 from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrain
 from nnunet_topomae.trainers.variants import (
     nnUNetTrainerMAEPretrain,
+    nnUNetTrainerTopoMAEFinetune_encoderOnly,
     nnUNetTrainerTopoMAEFinetune_lowCNNlr,
     nnUNetTrainerTopoMAEPretrain_cripser,
     nnUNetTrainerTopoMAEPretrain_lowTopo,
@@ -36,6 +37,7 @@ __all__ = [
     "nnUNetTrainerMAEPretrain",
     "nnUNetTrainerTopoMAEFinetune",
     "nnUNetTrainerTopoMAEFinetune_lowCNNlr",
+    "nnUNetTrainerTopoMAEFinetune_encoderOnly",
     "nnUNetTrainerTopoMAEPretrain_demo",
     "nnUNetTrainerTopoMAEFinetune_demo",
     "nnUNetTrainerTopoMAEPretrain_demoLong",

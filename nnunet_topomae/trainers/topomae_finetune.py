@@ -34,6 +34,8 @@ class nnUNetTrainerTopoMAEFinetune(TopoMAETrainerMixin, nnUNetTrainer):
     vit_lr_scale: float = 0.3
     # pretrained CNN (encoder and decoder); fusion layers and segmentation heads always get the full rate
     cnn_lr_scale: float = 1.0
+    # which pretrained parts -pretrained_weights loads (nnunet_topomae.transfer.PRETRAINED_PARTS); the rest start fresh
+    transfer_parts: tuple = ("ViT encoder", "CNN encoder", "CNN decoder")
     finetune_weight_decay: float = 1e-4
     vit_weight_decay: float = 0.05
     warmup_fraction: float = 0.05
@@ -97,16 +99,17 @@ class nnUNetTrainerTopoMAEFinetune(TopoMAETrainerMixin, nnUNetTrainer):
         check_compatibility(record, self.expected_pretraining(), fname)
         net = self._unwrapped_network()
         state = net.state_dict()
-        load, per_part, fresh = select_transfer(state, ckpt["network_weights"])
+        load, per_part, fresh = select_transfer(state, ckpt["network_weights"], self.transfer_parts)
         state.update({k: v.to(state[k].device, state[k].dtype) for k, v in load.items()})
         net.load_state_dict(state)
         self.pretrained_from = {"file": fname, "trainer": record.get("trainer"),
                                 "loaded": {k: len(v) for k, v in per_part.items()}, "fresh": len(fresh)}
         self.print_to_log_file(f"Pretrained weights from {fname} (written by {record.get('trainer')}):")
         for part, keys in per_part.items():
-            self.print_to_log_file(f"  {part}: {'loaded ' + str(len(keys)) + ' tensors' if keys else 'NOT in checkpoint, starts fresh'}")
-        self.print_to_log_file(f"  fresh (fusion layers, segmentation heads{', CNN' if not per_part['CNN encoder'] else ''}): "
-                               f"{len(fresh)} tensors")
+            why = "NOT in checkpoint, starts fresh" if part in self.transfer_parts else "not transferred (transfer_parts), starts fresh"
+            self.print_to_log_file(f"  {part}: {'loaded ' + str(len(keys)) + ' tensors' if keys else why}")
+        fresh_parts = ", ".join(["fusion layers", "segmentation heads"] + [p for p in ("CNN encoder", "CNN decoder") if not per_part[p]])
+        self.print_to_log_file(f"  fresh ({fresh_parts}): {len(fresh)} tensors")
 
     def extra_checkpoint_fields(self) -> dict:
         return {"pretrained_from": self.pretrained_from}

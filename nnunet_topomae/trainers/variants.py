@@ -49,3 +49,9 @@ class nnUNetTrainerTopoMAEFinetune_lowCNNlr(nnUNetTrainerTopoMAEFinetune):
     """Transfer recipe: the pretrained CNN learns at 0.3x the rate of the new layers (as the ViT does),
     so that 5 labelled cases move the pretrained features less."""
     cnn_lr_scale = 0.3
+
+
+class nnUNetTrainerTopoMAEFinetune_encoderOnly(nnUNetTrainerTopoMAEFinetune):
+    """Transfer recipe: only the encoders (ViT and CNN) come from the pretraining; the CNN decoder, trained
+    there to reconstruct intensities, starts fresh for segmentation (as MAE transfers its encoder only)."""
+    transfer_parts = ("ViT encoder", "CNN encoder")
