@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import tempfile
 
 import numpy as np
 import pytest
@@ -26,6 +24,7 @@ from nnunet_topomae.masking.two_level import (
     sample_cube_mask,
 )
 from nnunet_topomae.utils import synthetic_plans
+from ddp_nt_xent import check_gathered_nt_xent
 
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
@@ -336,45 +335,10 @@ def test_nt_xent_matches_explicit_loops():
     assert nt_xent(z1, z1).item() < nt_xent(z1, z2).item()
 
 
-def _ddp_worker(rank, world, port, path):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        lin = torch.nn.Linear(4, 3)
-        x1, x2 = torch.randn(world * 2, 4), torch.randn(world * 2, 4)
-        model = DDP(lin)
-        sl = slice(rank * 2, rank * 2 + 2)
-        loss = nt_xent(model(x1[sl]), model(x2[sl]), temperature=0.5, gather=True)
-        loss.backward()
-        if rank == 0:
-            torch.save({"loss": loss.detach(), "grad": lin.weight.grad.clone()}, path)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_nt_xent_gather_ddp_gradient_equals_global_batch():
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed unavailable")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    world = 2
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "out.pt")
-        torch.multiprocessing.spawn(_ddp_worker, args=(world, port, path), nprocs=world, join=True)
-        res = torch.load(path)
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(4, 3)
-    x1, x2 = torch.randn(world * 2, 4), torch.randn(world * 2, 4)
-    ref = nt_xent(lin(x1), lin(x2), temperature=0.5)
-    ref.backward()
-    torch.testing.assert_close(res["loss"], ref.detach())
-    torch.testing.assert_close(res["grad"], lin.weight.grad)
+    check_gathered_nt_xent([2, 2])
 
 
 def test_perception_loss_terms():

@@ -7,9 +7,6 @@ preprocessed data) is replaced by setting the network, loss and optimiser direct
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
@@ -19,7 +16,6 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_topomae.architectures.hybridmim_net import HybridMIMNetwork
-from nnunet_topomae.losses.contrastive import gather_with_grad, nt_xent
 from nnunet_topomae.trainers.hybridmim_pretrain import nnUNetTrainerHybridMIMPretrain
 from nnunet_topomae.trainers.hybridmim_variants import (
     nnUNetTrainerHybridMIMPretrain_noContrast,
@@ -28,6 +24,7 @@ from nnunet_topomae.trainers.hybridmim_variants import (
 )
 from nnunet_topomae.utils import synthetic_plans
 from nnunet_topomae.utils.checkpoint import state_dict_to_cpu
+from ddp_nt_xent import check_gathered_nt_xent
 
 
 
@@ -245,46 +242,10 @@ def test_every_parameter_gets_a_gradient_under_autocast(tmp_path, monkeypatch):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tr.network.parameters())
 
 
-def _gather_worker(rank, world, port, path):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        lin = torch.nn.Linear(4, 3)
-        x1, x2 = torch.randn(5, 4), torch.randn(5, 4)
-        sl = slice(0, 3) if rank == 0 else slice(3, 5)  # nnU-Net splits a batch of 5 as 3 + 2
-        g = gather_with_grad(torch.full((3 - rank, 2), float(rank)))
-        assert g.shape == (5, 2) and g[:3].eq(0).all() and g[3:].eq(1).all()
-        model = DDP(lin)
-        loss = nt_xent(model(x1[sl]), model(x2[sl]), temperature=0.5, gather=True)
-        loss.backward()
-        if rank == 0:
-            torch.save({"loss": loss.detach(), "grad": lin.weight.grad.clone()}, path)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_contrast_negatives_gathered_across_ranks_with_uneven_batches():
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed unavailable")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "out.pt")
-        torch.multiprocessing.spawn(_gather_worker, args=(2, port, path), nprocs=2, join=True)
-        res = torch.load(path)
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(4, 3)
-    x1, x2 = torch.randn(5, 4), torch.randn(5, 4)
-    ref = nt_xent(lin(x1), lin(x2), temperature=0.5)  # single process, global batch of 5
-    ref.backward()
-    torch.testing.assert_close(res["loss"], ref.detach())
-    torch.testing.assert_close(res["grad"], lin.weight.grad)
+    check_gathered_nt_xent([3, 2])  # nnU-Net splits a batch of 5 as 3 + 2
 
 
 # --------------------------------------------------------------------------- optimisation
