@@ -25,6 +25,10 @@ def pretrained_part(key: str) -> Optional[str]:
     layers, segmentation/reconstruction heads ``.seg_layers.``)."""
     if ".seg_layers." in key:
         return None
+    if key.startswith("cnn.decoder.encoder."):
+        # dynamic-network-architectures' decoder keeps a reference to the encoder, so the encoder's
+        # tensors are in the state dict twice; both names belong to the encoder
+        return "CNN encoder"
     return next((name for prefix, name in PRETRAINED_PARTS if key.startswith(prefix)), None)
 
 
