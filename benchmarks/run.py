@@ -61,7 +61,7 @@ TIERS = {
                 extra_runs=[("scratch_hybrid", 5, 2), ("mae", 5, 3), ("topomae_notopo", 5, 3),
                             ("topomae_lowcnnlr", 5, 1), ("topomae_lowtopo", 5, 1), ("hybridmim_warmup", 5, 1),
                             ("topomae_longpre", 5, 1), ("scratch_nnunet", 20, 2), ("topomae", 20, 2),
-                            ("scratch_hybrid", 20, 2), ("scratch_hybrid", "all", 1), ("topomae_encoderonly", 5, 3),
+                            ("scratch_hybrid", 20, 2), ("scratch_hybrid", "all", 2), ("topomae_encoderonly", 5, 3),
                             ("scratch_nnunet", "all", 2), ("topomae", "all", 2)]),
     "full": dict(pretrain_steps=250 * 1000, finetune_steps=250 * 1000, iters=250, plans="default", runs=PROTOCOL,
                  extra_runs=[(a, 5, 1) for a in ARMS if a not in {r[0] for r in PROTOCOL} | set(PRETRAIN_SCALE)]),
