@@ -107,7 +107,8 @@ def select_transfer(model_state: Dict[str, torch.Tensor], pretrained: Dict[str, 
         load[key] = src
         per_part[part].append(key)
     # all or nothing within the CNN parts asked for: part of them means another architecture
-    cnn_keys = [k for k in model_state if pretrained_part(k) in set(parts) - {"ViT encoder"}]
+    cnn_parts = set(parts) - {"ViT encoder"}
+    cnn_keys = [k for k in model_state if pretrained_part(k) in cnn_parts]
     got_cnn = [k for k in cnn_keys if k in load]
     if got_cnn and len(got_cnn) != len(cnn_keys):
         missing = sorted(set(cnn_keys) - set(got_cnn))
