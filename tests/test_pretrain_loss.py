@@ -85,6 +85,7 @@ def _bare_trainer(cls, batch_size: int = 2):
     sets the batch size and input channels before it builds the loss)."""
     trainer = object.__new__(cls)
     trainer.batch_size, trainer.num_input_channels, trainer.is_ddp = batch_size, 1, False
+    trainer.device = torch.device("cpu")
     return trainer
 
 
@@ -129,6 +130,24 @@ def test_trainer_gives_loss_and_data_workers_one_reduction():
     trainer = _bare_trainer(NoTopo)
     trainer.loss = trainer._build_loss()
     assert trainer.loss.topo_loss is None and trainer.persistence_fn() is None
+
+
+def test_data_workers_run_at_idle_priority_only_on_the_cpu():
+    # on a GPU the cores are free for nnU-Net's data loading, which must not wait behind other jobs
+    from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrain
+
+    class Normal(nnUNetTrainerTopoMAEPretrain):
+        topo_inputs_idle_priority_on_cpu = False
+
+    got = {}
+    for cls, device in ((nnUNetTrainerTopoMAEPretrain, "cpu"), (nnUNetTrainerTopoMAEPretrain, "cuda"),
+                        (Normal, "cpu")):
+        trainer = _bare_trainer(cls)
+        trainer.device = torch.device(device)  # constructing a cuda device needs no GPU
+        trainer.loss = trainer._build_loss()
+        got[(cls.__name__, device)] = trainer.persistence_fn().low_priority
+    assert got == {("nnUNetTrainerTopoMAEPretrain", "cpu"): True, ("nnUNetTrainerTopoMAEPretrain", "cuda"): False,
+                   ("Normal", "cpu"): False}
 
 
 def test_speed_variants_change_only_their_setting(monkeypatch):

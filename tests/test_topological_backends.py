@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -184,6 +186,37 @@ def test_input_persistence_equals_pairs_of_reduced_volume(shape, max_size):
     assert len(got) == shape[0]
     for c in range(shape[0]):
         _assert_pairs_equal(got[c], persistence_pairs(reduced[c], DIMS, 32))
+
+
+def _call_in_worker(fn, image):
+    import os
+    return fn(image), fn.priority_lowered, os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policies")
+@pytest.mark.parametrize("low_priority", [True, False])
+def test_input_persistence_lowers_only_a_worker_process_priority(low_priority):
+    """In a data-loading worker (another process) the first call lowers that process's priority and
+    the diagrams are unchanged; in the process that built it (nnUNet_n_proc_DA=0: the training
+    process itself) nothing is lowered."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    rng = np.random.default_rng(3)
+    image = gaussian_filter(rng.standard_normal((1, 24, 20, 16)), sigma=(0, 1.5, 1.5, 1.5)).astype(np.float32)
+    fn = InputPersistence(16, DIMS, max_pairs=16, low_priority=low_priority)
+    before = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+    here = fn(image)
+    assert fn.priority_lowered == "" and (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)) == before
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:  # nnU-Net's workers are forked
+        there, lowered, policy, nice = pool.submit(_call_in_worker, fn, image).result()
+    for a, b in zip(here, there):
+        _assert_pairs_equal(a, b)
+    if low_priority:
+        assert lowered in ("idle", "nice")
+        assert policy == os.SCHED_IDLE if lowered == "idle" else nice == 19
+    else:
+        assert (lowered, policy, nice) == ("", *before)
 
 
 def test_precomputed_input_pairs_give_the_same_loss():

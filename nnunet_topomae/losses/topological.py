@@ -202,17 +202,44 @@ class PersistencePool:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
+def lower_own_priority() -> str:
+    """Let every other runnable thread of the machine go first: Linux's SCHED_IDLE policy where it
+    exists, else the lowest nice value. Irreversible for an unprivileged process, so it is only for
+    worker processes. Returns what was done: 'idle', 'nice' or '' (neither available or allowed)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return "idle"
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.nice(19)
+        return "nice"
+    except (AttributeError, OSError):
+        return ""
+
+
 class InputPersistence:
     """Picklable per-sample function for nnU-Net's data-loading workers: the input's diagrams do
-    not depend on the network, so they are computed next to the batch, off the training step."""
+    not depend on the network, so they are computed next to the batch, off the training step.
+
+    ``low_priority``: on its first call in a process other than the one that built it (a
+    data-loading worker, never the training process itself), that process lowers its own priority
+    (``lower_own_priority``). The inputs' persistence is prefetch work; on a CPU-only machine the
+    network's threads already use every core, and a worker that preempts one of them stalls the
+    other at OpenMP's barriers. At idle priority the workers fill the gaps instead."""
 
     def __init__(self, max_size: int = 32, dims=(0, 1, 2), max_pairs: int | None = 64, backend: str = "gudhi",
-                 max_voxels: int | None = None):
+                 max_voxels: int | None = None, low_priority: bool = False):
         self.max_size, self.dims, self.max_pairs, self.backend = max_size, tuple(dims), max_pairs, backend
         self.max_voxels = max_voxels
+        self.low_priority = low_priority
+        self._owner = os.getpid()
+        self.priority_lowered = ""
 
     def __call__(self, image: np.ndarray):
         """image (C, X, Y, Z) -> list over channels of persistence_pairs of the reduced volume."""
+        if self.low_priority and not self.priority_lowered and os.getpid() != self._owner:
+            self.priority_lowered = lower_own_priority() or "unavailable"
         reduced = reduce_volume(torch.as_tensor(image, dtype=torch.float32)[None], self.max_size,
                                 self.max_voxels)[0].numpy()
         return [persistence_pairs(reduced[c], self.dims, self.max_pairs, self.backend) for c in range(len(reduced))]
@@ -368,10 +395,11 @@ class TopologicalLoss(torch.nn.Module):
         if self.workers > 0 and self._pool is None:
             self._pool = PersistencePool(self.workers, self.dims, self.max_pairs, self.backend)
 
-    def input_persistence(self) -> "InputPersistence":
+    def input_persistence(self, low_priority: bool = False) -> "InputPersistence":
         """The data-loading workers' half of this loss: the inputs' diagrams, on volumes reduced
         exactly as ``per_volume`` reduces them (one set of settings, so the two cannot drift)."""
-        return InputPersistence(self.max_size, self.dims, self.max_pairs, self.backend, self.max_voxels)
+        return InputPersistence(self.max_size, self.dims, self.max_pairs, self.backend, self.max_voxels,
+                                low_priority=low_priority)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -66,6 +66,10 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
     # 2 on a 2-core machine, up to one per reconstruction of a step where there are more cores)
     topo_workers: Optional[int] = None
     topo_inputs_in_dataloader: bool = True
+    # on the CPU device the network's threads use every core, so the data-loading workers (whose main
+    # extra work here is the inputs' persistence) run at idle priority and fill the gaps instead of
+    # preempting them (InputPersistence; docs/BENCHMARKS.md: TopoMAE's step about 7 % shorter on 2 cores)
+    topo_inputs_idle_priority_on_cpu: bool = True
     topo_every: int = 1               # compute the topological term every N steps
     # glibc keeps freed big blocks instead of faulting them in again every step (nnunet_topomae.utils.memory)
     malloc_keep_freed: bool = True
@@ -97,7 +101,9 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
     def persistence_fn(self):
         # nnU-Net's initialize() has built self.loss before the data loaders
         topo = self.loss.topo_loss
-        return topo.input_persistence() if topo is not None and self.topo_inputs_in_dataloader else None
+        if topo is None or not self.topo_inputs_in_dataloader:
+            return None
+        return topo.input_persistence(low_priority=self.topo_inputs_idle_priority_on_cpu and self.device.type == "cpu")
 
     def compute_terms(self, batch: dict) -> Dict[str, torch.Tensor]:
         x = batch["data"].to(self.device, non_blocking=True)
@@ -120,6 +126,11 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
             self.print_to_log_file(f"topological loss: reconstructions' persistence in "
                                    f"{f'{n} processes' if n else 'the training process'} (topo_workers), "
                                    f"backend {self.loss.topo_loss.backend}")
+            pfn = self.persistence_fn()
+            if pfn is not None:
+                self.print_to_log_file("topological loss: inputs' persistence in the data-loading workers"
+                                       + (", which run at idle priority on the CPU (topo_inputs_idle_priority_on_cpu)"
+                                          if pfn.low_priority else ""))
 
     def on_train_end(self):
         super().on_train_end()
