@@ -354,14 +354,18 @@ def cmd_step(args) -> int:
 
 def step_report(results: List[dict]) -> dict:
     """One JSON object: the first trainer's figures at the top level, every run under ``runs``, and the
-    ratios of the train-step medians (``ratios_to_first``: other / first; ``ratio_matrix[a][b]``: a / b)."""
+    ratios of the train-step medians (``ratios_to_first``: other / first; ``ratio_matrix[a][b]``: a / b)
+    and of the totals, data wait + train step (``total_ratios_to_first``, ``total_ratio_matrix``). A
+    trainer that moves work into the data-loading workers can shorten its train step and make the
+    step wait for data instead; the totals' ratios count both."""
     first = results[0]
     report = dict(first)
     report["runs"] = results
-    report["ratios_to_first"] = {r["trainer"]: r["step_s_median"] / first["step_s_median"] for r in results[1:]}
-    if len(results) > 1:
-        report["ratio_matrix"] = {a["trainer"]: {b["trainer"]: a["step_s_median"] / b["step_s_median"]
-                                                 for b in results} for a in results}
+    for prefix, key in (("", "step_s_median"), ("total_", "total_s_median")):
+        report[f"{prefix}ratios_to_first"] = {r["trainer"]: r[key] / first[key] for r in results[1:]}
+        if len(results) > 1:
+            report[f"{prefix}ratio_matrix"] = {a["trainer"]: {b["trainer"]: a[key] / b[key] for b in results}
+                                               for a in results}
     report["machine"] = machine_info() | first.get("machine", {})
     return report
 
@@ -389,13 +393,13 @@ def format_step_table(report: dict) -> str:
     ]
     w = max(len(r["trainer"]) for r in runs) + 2
     head = (f"{'trainer':{w}s}{'train step s':>24s}{'data wait s':>24s}{'total s':>24s}{'step CPU s':>12s}"
-            f"{'peak MB':>10s}{'x first':>9s}")
+            f"{'peak MB':>10s}{'total x first':>15s}")
     lines += ["", head, "-" * len(head)]
     for r in runs:
-        ratio = r["step_s_median"] / first["step_s_median"]
+        ratio = r["total_s_median"] / first["total_s_median"]
         lines.append(f"{r['trainer']:{w}s}{_spread('step_s', r):>24s}{_spread('data_wait_s', r):>24s}"
                      f"{_spread('total_s', r):>24s}{r.get('step_cpu_s_median', float('nan')):>12.3f}"
-                     f"{r['peak_memory_mb']:>10.0f}{ratio:>8.2f}x")
+                     f"{r['peak_memory_mb']:>10.0f}{ratio:>14.2f}x")
     lines.append(f"peak MB: {first['peak_memory_kind']}. Worker processes' own peak RSS (VmHWM; forked "
                  f"data-loading workers share most pages with the training process, do not add up):")
     for r in runs:
@@ -404,9 +408,10 @@ def format_step_table(report: dict) -> str:
     if len(runs) > 2:
         names = [r["trainer"] for r in runs]
         short = [f"#{i + 1}" for i in range(len(runs))]
-        lines += ["", "train-step ratios (row / column):", " " * 6 + "".join(f"{s:>8s}" for s in short)]
+        lines += ["", "ratios of the totals, data wait + train step (row / column):",
+                  " " * 6 + "".join(f"{s:>8s}" for s in short)]
         for i, a in enumerate(names):
-            lines.append(f"{short[i]:6s}" + "".join(f"{report['ratio_matrix'][a][b]:>8.2f}" for b in names)
+            lines.append(f"{short[i]:6s}" + "".join(f"{report['total_ratio_matrix'][a][b]:>8.2f}" for b in names)
                          + f"   {a}")
     m = report["machine"]
     lines += ["", f"machine: {m.get('cpu_count')} CPUs ({m.get('cpu_model', 'unknown model')}), torch {m.get('torch')}, "

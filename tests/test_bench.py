@@ -256,12 +256,16 @@ def test_step_report_ratios_and_table():
     assert report["ratios_to_first"] == {"nnUNetTrainerTopoMAEPretrain_noTopo": 0.75, "nnUNetTrainer": 0.25,
                                          "nnUNetTrainerMAEPretrain": 0.5}
     assert report["ratio_matrix"]["nnUNetTrainerMAEPretrain"]["nnUNetTrainer"] == 2.0  # MAE vs stock
+    # the totals count the data wait too: work moved into the loader cannot hide there
+    assert report["total_ratios_to_first"]["nnUNetTrainer"] == pytest.approx(0.51 / 2.01)
+    assert report["total_ratio_matrix"]["nnUNetTrainerMAEPretrain"]["nnUNetTrainer"] == pytest.approx(1.01 / 0.51)
     assert report["machine"]["torch_threads"] == 2  # the measuring process's settings win
     json.dumps(report)
     table = bench.format_step_table(report)
     for r in runs:
         assert r["trainer"] in table
     assert "min-max" in table and "0.25x" in table and "row / column" in table and "900, 400" in table
+    assert "1.98" in table  # MAE / stock in the totals' matrix (1.01 / 0.51), not the train steps' 2.00
 
 
 def test_stats():
