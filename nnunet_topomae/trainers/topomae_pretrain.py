@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_topomae.architectures.topomae_net import TopoMAENetwork
@@ -128,9 +129,11 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
                                    f"backend {self.loss.topo_loss.backend}")
             pfn = self.persistence_fn()
             if pfn is not None:
-                self.print_to_log_file("topological loss: inputs' persistence in the data-loading workers"
-                                       + (", which run at idle priority on the CPU (topo_inputs_idle_priority_on_cpu)"
-                                          if pfn.low_priority else ""))
+                workers = get_allowed_n_proc_DA()
+                where = (f"the {workers} data-loading workers" if workers else
+                         "the training process (nnUNet_n_proc_DA=0: no data-loading workers)")
+                idle = " at idle priority (topo_inputs_idle_priority_on_cpu)" if workers and pfn.low_priority else ""
+                self.print_to_log_file(f"topological loss: inputs' persistence in {where}{idle}")
 
     def on_train_end(self):
         super().on_train_end()
