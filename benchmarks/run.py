@@ -43,8 +43,11 @@ ARMS = {  # arm -> (pretraining trainer or None, finetuning trainer)
     "topomae_longpre": ("nnUNetTrainerTopoMAEPretrain", "nnUNetTrainerTopoMAEFinetune"),
     # transfer-recipe attempt: the same TopoMAE weights, CNN decoder fresh (encoders only)
     "topomae_encoderonly": ("nnUNetTrainerTopoMAEPretrain", "nnUNetTrainerTopoMAEFinetune_encoderOnly"),
+    # transfer-recipe attempt: the same TopoMAE pretraining, half as long (PRETRAIN_SCALE)
+    "topomae_shortpre": ("nnUNetTrainerTopoMAEPretrain", "nnUNetTrainerTopoMAEFinetune"),
 }
-PRETRAIN_SCALE = {"topomae_longpre": 3}  # arm -> multiple of its tier's pretraining steps (default 1)
+# arm -> multiple of its tier's pretraining steps (default 1)
+PRETRAIN_SCALE = {"topomae_longpre": 3, "topomae_shortpre": 0.5}
 
 # the issue's protocol: its six arms; 3 seeds of the anchor and the product with 5 labelled cases, one of
 # the others; 20 and all labels for the anchor and the product
@@ -62,7 +65,7 @@ TIERS = {
                             ("topomae_lowcnnlr", 5, 1), ("topomae_lowtopo", 5, 1), ("hybridmim_warmup", 5, 1),
                             ("topomae_longpre", 5, 1), ("scratch_nnunet", 20, 2), ("topomae", 20, 2),
                             ("scratch_hybrid", 20, 2), ("scratch_hybrid", "all", 2), ("topomae_encoderonly", 5, 3),
-                            ("scratch_nnunet", "all", 2), ("topomae", "all", 2)]),
+                            ("scratch_nnunet", "all", 2), ("topomae", "all", 2), ("topomae_shortpre", 5, 3)]),
     "full": dict(pretrain_steps=250 * 1000, finetune_steps=250 * 1000, iters=250, plans="default", runs=PROTOCOL,
                  extra_runs=[(a, 5, 1) for a in ARMS if a not in {r[0] for r in PROTOCOL} | set(PRETRAIN_SCALE)]),
 }
@@ -101,7 +104,7 @@ def pretrain_name(pre: str, steps: int) -> str:
 
 def pretrain_steps(arm: str, tier: dict) -> int:
     """How long ``arm`` pretrains under ``tier`` (0 for the arms without pretraining)."""
-    return tier["pretrain_steps"] * PRETRAIN_SCALE.get(arm, 1) if ARMS[arm][0] else 0
+    return int(tier["pretrain_steps"] * PRETRAIN_SCALE.get(arm, 1)) if ARMS[arm][0] else 0
 
 
 def same_budget(r: dict, tier: dict) -> bool:

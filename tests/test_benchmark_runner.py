@@ -40,7 +40,7 @@ def test_every_arm_has_its_own_finetuning_class(runner, tier, tmp_path):
         assert names[("pre", "topomae")] == f"nnUNetTrainerTopoMAEPretrain_bench{runner.TIERS[tier]['pretrain_steps']}"
 
 
-def test_a_longer_pretraining_gets_its_own_class_and_budget(runner, tmp_path):
+def test_a_longer_or_shorter_pretraining_gets_its_own_class_and_budget(runner, tmp_path):
     tier = runner.TIERS["cpu"]
     names = runner.write_trainer_shims(str(tmp_path), tier)
     steps = 3 * tier["pretrain_steps"]
@@ -51,6 +51,11 @@ def test_a_longer_pretraining_gets_its_own_class_and_budget(runner, tmp_path):
     long_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == names[("pre", "topomae_longpre")])
     epochs = next(a.value.value for a in long_cls.body if isinstance(a, ast.Assign) and a.targets[0].id == "pretrain_epochs")
     assert epochs * tier["iters"] == steps
+    # and a shorter one too: a whole number of epochs, in the class name and the budget
+    short = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == names[("pre", "topomae_shortpre")])
+    assert names[("pre", "topomae_shortpre")] == f"nnUNetTrainerTopoMAEPretrain_bench{tier['pretrain_steps'] // 2}"
+    short_epochs = next(a.value.value for a in short.body if isinstance(a, ast.Assign) and a.targets[0].id == "pretrain_epochs")
+    assert short_epochs * tier["iters"] == runner.pretrain_steps("topomae_shortpre", tier) == tier["pretrain_steps"] // 2
     run = dict(arm="topomae_longpre", steps=tier["finetune_steps"], pretrain_steps=steps)
     assert runner.same_budget(run, tier)
     assert not runner.same_budget(dict(run, pretrain_steps=tier["pretrain_steps"]), tier)
