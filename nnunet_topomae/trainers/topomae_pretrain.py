@@ -69,7 +69,7 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
     topo_inputs_in_dataloader: bool = True
     # on the CPU device the network's threads use every core, so the data-loading workers (whose main
     # extra work here is the inputs' persistence) run at idle priority and fill the gaps instead of
-    # preempting them (InputPersistence; docs/BENCHMARKS.md: TopoMAE's step about 7 % shorter on 2 cores)
+    # preempting them (InputPersistence; docs/BENCHMARKS.md: TopoMAE's step about 11 % shorter on 2 cores)
     topo_inputs_idle_priority_on_cpu: bool = True
     topo_every: int = 1               # compute the topological term every N steps
     # glibc keeps freed big blocks instead of faulting them in again every step (nnunet_topomae.utils.memory)
