@@ -45,6 +45,8 @@ ARMS = {  # arm -> (pretraining trainer or None, finetuning trainer)
     "topomae_encoderonly": ("nnUNetTrainerTopoMAEPretrain", "nnUNetTrainerTopoMAEFinetune_encoderOnly"),
     # transfer-recipe attempt: the same TopoMAE pretraining, half as long (PRETRAIN_SCALE)
     "topomae_shortpre": ("nnUNetTrainerTopoMAEPretrain", "nnUNetTrainerTopoMAEFinetune"),
+    # transfer-recipe attempt: the topological term only in the second half of pretraining
+    "topomae_latetopo": ("nnUNetTrainerTopoMAEPretrain_lateTopo", "nnUNetTrainerTopoMAEFinetune"),
 }
 # arm -> multiple of its tier's pretraining steps (default 1)
 PRETRAIN_SCALE = {"topomae_longpre": 3, "topomae_shortpre": 0.5}
@@ -65,7 +67,8 @@ TIERS = {
                             ("topomae_lowcnnlr", 5, 1), ("topomae_lowtopo", 5, 1), ("hybridmim_warmup", 5, 1),
                             ("topomae_longpre", 5, 1), ("scratch_nnunet", 20, 2), ("topomae", 20, 2),
                             ("scratch_hybrid", 20, 2), ("scratch_hybrid", "all", 2), ("topomae_encoderonly", 5, 3),
-                            ("scratch_nnunet", "all", 2), ("topomae", "all", 2), ("topomae_shortpre", 5, 3)]),
+                            ("scratch_nnunet", "all", 2), ("topomae", "all", 2), ("topomae_shortpre", 5, 3),
+                            ("topomae_latetopo", 5, 3)]),
     "full": dict(pretrain_steps=250 * 1000, finetune_steps=250 * 1000, iters=250, plans="default", runs=PROTOCOL,
                  extra_runs=[(a, 5, 1) for a in ARMS if a not in {r[0] for r in PROTOCOL} | set(PRETRAIN_SCALE)]),
 }

@@ -150,6 +150,29 @@ def test_data_workers_run_at_idle_priority_only_on_the_cpu():
                    ("Normal", "cpu"): False}
 
 
+def test_late_topo_computes_the_term_only_in_the_second_half():
+    from nnunet_topomae.trainers import variants
+
+    late = object.__new__(variants.nnUNetTrainerTopoMAEPretrain_lateTopo)
+    calls = []
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return {}
+
+    late.device, late.network, late.num_epochs = torch.device("cpu"), Net().train(), 4
+    late.loss = lambda out, x, spatial, topo_pairs=None, with_topo=True: calls.append(with_topo) or {}
+    batch = {"data": torch.zeros(1), "spatial": torch.zeros(1)}
+    for epoch in range(4):
+        late.current_epoch = epoch
+        late.network.train()
+        late.compute_terms(batch)
+        late.compute_terms(batch)
+        late.network.eval()
+        late.compute_terms(batch)  # validation always scores the term, so val losses stay comparable
+    assert calls == [False, False, True] * 2 + [True, True, True] * 2
+
+
 def test_speed_variants_change_only_their_setting(monkeypatch):
     import pytest
 
@@ -165,6 +188,7 @@ def test_speed_variants_change_only_their_setting(monkeypatch):
             return {}
 
     every2.device, every2.network = torch.device("cpu"), Net().train()
+    every2.current_epoch, every2.num_epochs = 0, 4  # nnU-Net's __init__ sets both
     every2.loss = lambda out, x, spatial, topo_pairs=None, with_topo=True: calls.append(with_topo) or {}
     batch = {"data": torch.zeros(1), "spatial": torch.zeros(1)}
     for _ in range(5):

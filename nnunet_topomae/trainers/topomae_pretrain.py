@@ -72,6 +72,9 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
     # preempting them (InputPersistence; docs/BENCHMARKS.md: TopoMAE's step about 11 % shorter on 2 cores)
     topo_inputs_idle_priority_on_cpu: bool = True
     topo_every: int = 1               # compute the topological term every N steps
+    # the topological term only from this fraction of the pretraining epochs on (0: from the start), so
+    # that it shapes reconstructions that already resemble the input (interpretation; not in the paper)
+    topo_from_fraction: float = 0.0
     # glibc keeps freed big blocks instead of faulting them in again every step (nnunet_topomae.utils.memory)
     malloc_keep_freed: bool = True
 
@@ -111,9 +114,10 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
         spatial = batch["spatial"].to(self.device, non_blocking=True)
         out = self.network(x)
         with_topo = True
-        if self.network.training:  # the every-N-steps schedule counts training steps; validation always scores it
+        if self.network.training:  # the schedules count training steps and epochs; validation always scores it
             self._train_step_count = getattr(self, "_train_step_count", -1) + 1
-            with_topo = self._train_step_count % self.topo_every == 0
+            with_topo = (self._train_step_count % self.topo_every == 0
+                         and self.current_epoch >= self.topo_from_fraction * self.num_epochs)
         return self.loss(out, x, spatial, topo_pairs=batch.get("topo_pairs"), with_topo=with_topo)
 
     def on_train_start(self):

@@ -14,6 +14,12 @@ class nnUNetTrainerTopoMAEPretrain_lowTopo(nnUNetTrainerTopoMAEPretrain):
     w_topo = 0.01
 
 
+class nnUNetTrainerTopoMAEPretrain_lateTopo(nnUNetTrainerTopoMAEPretrain):
+    """Schedule variant: the topological term only in the second half of pretraining, once the
+    reconstructions resemble the input (the first half trains as ``_noTopo``)."""
+    topo_from_fraction = 0.5
+
+
 class nnUNetTrainerTopoMAEPretrain_cripser(nnUNetTrainerTopoMAEPretrain):
     """Speed: persistence with cripser instead of gudhi (5-9x faster, releases Python's lock; the same
     diagrams, tests/test_topological_backends.py). Optional extra, GPL-3.0: pip install cripser."""
