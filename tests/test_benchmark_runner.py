@@ -107,6 +107,15 @@ def test_inspect_transfer_measures_relative_change_per_part():
     assert mod.part_of("cnn.decoder.seg_layers.0.weight") is None  # fresh heads are not a transferred part
 
 
+def test_topo_distance_rejects_a_checkpoint_argument_it_cannot_use(tmp_path, capsys):
+    mod = load_script("topo_distance")
+    for bad in ("noTopo", f"noTopo={tmp_path / 'missing.pth'}"):
+        with pytest.raises(SystemExit) as e:
+            mod.main(["-d", "901", bad])
+        assert e.value.code == 2
+        assert "expected NAME=CHECKPOINT with an existing checkpoint file" in capsys.readouterr().err
+
+
 def test_report_table_has_mean_and_spread_per_arm_and_subset(runner, tmp_path):
     results = [dict(arm="topomae", labelled_cases=5, mean_dice=d) for d in (0.80, 0.84)] + \
               [dict(arm="scratch_nnunet", labelled_cases=5, mean_dice=0.78),
