@@ -134,7 +134,7 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
             pfn = self.persistence_fn()
             if pfn is not None:
                 workers = get_allowed_n_proc_DA()
-                where = (f"the {workers} data-loading workers" if workers else
+                where = (f"nnU-Net's data-loading workers (nnUNet_n_proc_DA={workers})" if workers else
                          "the training process (nnUNet_n_proc_DA=0: no data-loading workers)")
                 idle = " at idle priority (topo_inputs_idle_priority_on_cpu)" if workers and pfn.low_priority else ""
                 self.print_to_log_file(f"topological loss: inputs' persistence in {where}{idle}")
