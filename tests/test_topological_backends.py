@@ -189,7 +189,6 @@ def test_input_persistence_equals_pairs_of_reduced_volume(shape, max_size):
 
 
 def _call_in_worker(fn, image):
-    import os
     return fn(image), fn.priority_lowered, os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
 
 
