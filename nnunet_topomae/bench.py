@@ -269,7 +269,7 @@ def step_env(results_dir: str, environ: Optional[Dict[str, str]] = None) -> Dict
     """Environment of the measuring subprocess: the user's, with nnUNet_results replaced by
     ``results_dir`` and this package's trainer folder added to nnUNet_extTrainer. nnUNet_raw,
     nnUNet_preprocessed, nnUNet_n_proc_DA (unset: nnU-Net's default) and nnUNet_compile are untouched."""
-    from nnunet_topomae.cli import ext_trainer_value
+    from nnunet_topomae.utils.ext_trainer import ext_trainer_value
     env = dict(os.environ if environ is None else environ)
     env["nnUNet_results"] = results_dir
     env["nnUNet_extTrainer"] = ext_trainer_value(env.get("nnUNet_extTrainer"))

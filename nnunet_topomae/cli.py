@@ -10,19 +10,10 @@ import sys
 from importlib import metadata
 from typing import List, Optional
 
-EXT_TRAINER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ext_trainers")
+from nnunet_topomae.utils.ext_trainer import EXT_TRAINER_DIR, ext_trainer_value  # noqa: F401 (re-exported)
 
 # (package, minimum, exclusive maximum) as tested; see setup.py
 TESTED_VERSIONS = [("nnunetv2", "2.8.1", "2.9"), ("torch", "2.3", "2.14.2"), ("gudhi", "3.11", "3.14")]
-
-
-def ext_trainer_value(current: Optional[str]) -> str:
-    """Our folder first, then every folder already in the variable (without duplicates)."""
-    parts = [EXT_TRAINER_DIR]
-    for p in (current or "").split(os.pathsep):
-        if p.strip() and os.path.abspath(p) != EXT_TRAINER_DIR and p not in parts:
-            parts.append(p)
-    return os.pathsep.join(parts)
 
 
 def cmd_env(args) -> int:

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-from nnunet_topomae.cli import ext_trainer_value
+from nnunet_topomae.utils.ext_trainer import ext_trainer_value
 from nnunet_topomae.errors import UserInputError
 
 

@@ -8,7 +8,8 @@ import torch
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from nnunet_topomae.data.pretrain_loader import PretrainDataLoader
-from nnunet_topomae.losses.spatial import NUM_SPATIAL_TARGETS, SpatialHead, octant_targets, spatial_loss
+from nnunet_topomae.architectures.spatial_head import SpatialHead
+from nnunet_topomae.losses.spatial import NUM_SPATIAL_TARGETS, octant_targets, spatial_loss
 
 # corner order of the targets: c in {0,1}^3 in C order
 CORNER_ORDER = [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from nnunet_topomae.architectures.vit3d import MAEDecoder3D, ViTConfig, ViTEncoder3D
-from nnunet_topomae.losses.spatial import SpatialHead
+from nnunet_topomae.architectures.spatial_head import SpatialHead
 from nnunet_topomae.masking.token_masking import random_token_mask, token_mask_to_voxels
 
 

@@ -26,11 +26,10 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from nnunet_topomae.architectures.hybridmim_net import Box, box_to_voxel_slices
 from nnunet_topomae.losses.contrastive import nt_xent
 from nnunet_topomae.losses.perception import PatchMaskingPerceptionLoss
 from nnunet_topomae.losses.reconstruction import deep_supervision_masked_mse
-from nnunet_topomae.masking.two_level import MaskGeometry, perception_targets
+from nnunet_topomae.masking.two_level import Box, MaskGeometry, box_to_voxel_slices, perception_targets
 
 __all__ = ["HybridMIMLoss"]
 

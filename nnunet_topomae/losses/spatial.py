@@ -18,7 +18,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 NUM_SPATIAL_TARGETS = 27
 
@@ -32,19 +31,6 @@ def octant_targets(bbox_lb: Sequence[int], patch_size: Sequence[int], case_shape
     shape = np.asarray(case_shape, dtype=np.float64)
     points = np.concatenate([(lb + ps / 2)[None], lb[None] + _CORNERS * ps[None]], 0)  # (9, 3)
     return (2 * points / shape[None] - 1).reshape(-1).astype(np.float32)
-
-
-class SpatialHead(nn.Module):
-    """Pooled features (B, D) or feature map (B, D, x, y, z) -> 27 coordinates."""
-
-    def __init__(self, in_features: int, hidden: int = 256):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, NUM_SPATIAL_TARGETS))
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        if feats.ndim > 2:
-            feats = feats.flatten(2).mean(-1)
-        return self.mlp(feats)
 
 
 def spatial_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -228,3 +228,48 @@ def apply_voxel_mask(x: torch.Tensor, voxel_mask: torch.Tensor, mask_value: floa
     """
     m = voxel_mask.to(dtype=x.dtype, device=x.device)
     return x * (1.0 - m) + mask_value * m
+
+
+# ---------------------------------------------------------------- partial-prediction box
+Box = Tuple[Tuple[int, ...], Tuple[int, ...]]
+
+
+def _normalise_box(box: Box, geom: MaskGeometry) -> Box:
+    lb, ub = box
+    lb = tuple(int(i) for i in lb)
+    ub = tuple(int(i) for i in ub)
+    if len(lb) != geom.ndim or len(ub) != geom.ndim:
+        raise ValueError(f"box {box} does not have {geom.ndim} entries per bound")
+    for a in range(geom.ndim):
+        if not (0 <= lb[a] < ub[a] <= geom.subvolume_grid[a]):
+            raise ValueError(f"box {box} is empty or outside the bottleneck grid {geom.subvolume_grid}")
+    return lb, ub
+
+
+def sample_box(
+    geom: MaskGeometry,
+    fraction_per_axis: Union[float, Sequence[float]] = 2.0 / 3.0,
+    generator: Optional[torch.Generator] = None,
+) -> Box:
+    """Random partial-prediction box ``(lb, ub)`` in bottleneck-grid coordinates (``ub`` exclusive).
+
+    Box size per axis is ``max(1, round(grid * fraction))`` clamped to the grid; its position is
+    uniform over all valid offsets.
+    """
+    if isinstance(fraction_per_axis, (int, float)):
+        fraction_per_axis = [float(fraction_per_axis)] * geom.ndim
+    if len(fraction_per_axis) != geom.ndim:
+        raise ValueError(f"fraction_per_axis needs {geom.ndim} entries, got {fraction_per_axis!r}")
+    lb, ub = [], []
+    for g, f in zip(geom.subvolume_grid, fraction_per_axis):
+        size = min(g, max(1, int(round(g * f))))
+        start = int(torch.randint(0, g - size + 1, (1,), generator=generator).item())
+        lb.append(start)
+        ub.append(start + size)
+    return tuple(lb), tuple(ub)
+
+
+def box_to_voxel_slices(box: Box, geom: MaskGeometry) -> Tuple[slice, ...]:
+    """Voxel slices (spatial axes only) covered by a bottleneck-grid box."""
+    lb, ub = _normalise_box(box, geom)
+    return tuple(slice(l * s, u * s) for l, u, s in zip(lb, ub, geom.subvolume_size))
