@@ -77,8 +77,47 @@ def _lookup_problems() -> List[str]:
     return problems
 
 
+def dataset_problems(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNetPlans") -> List[str]:
+    """Whether ``nnUNetv2_train dataset configuration FOLD -p plans`` would find its preprocessed data."""
+    pre = os.environ.get("nnUNet_preprocessed")
+    if not pre or not os.path.isdir(pre):
+        return []  # reported above
+    try:
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+        name = maybe_convert_to_dataset_name(dataset)
+    except Exception:
+        return [f"dataset {dataset} is in neither nnUNet_raw nor nnUNet_preprocessed -> check the id, or put the raw "
+                f"dataset into $nnUNet_raw and run nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration}"]
+    ident = name.split("_")[0].replace("Dataset", "").lstrip("0") or "0"
+    plans_file = os.path.join(pre, name, plans + ".json")
+    if not os.path.isfile(plans_file):
+        return [f"{name} has no plans {plans} in nnUNet_preprocessed -> nnUNetv2_plan_and_preprocess -d {ident} -c {configuration}"]
+    import json
+    with open(plans_file) as f:
+        cfgs = json.load(f).get("configurations", {})
+    if configuration not in cfgs:
+        return [f"plans {plans} of {name} have no configuration {configuration} (they have {', '.join(cfgs)}) -> "
+                f"pick one of those"]
+    data_id = cfgs[configuration].get("data_identifier", f"{plans}_{configuration}")
+    folder = os.path.join(pre, name, data_id)
+    if not os.path.isdir(folder) or not any(f.endswith((".b2nd", ".npz", ".npy")) for f in os.listdir(folder)):
+        cmd = (f"nnUNetv2_preprocess -d {ident} -plans_name {plans} -c {configuration}" if plans != "nnUNetPlans"
+               else f"nnUNetv2_plan_and_preprocess -d {ident} -c {configuration}")
+        return [f"{name} is not preprocessed for {configuration} with {plans} ({folder} missing or empty) -> {cmd}"]
+    return []
+
+
 def cmd_doctor(args) -> int:
     problems = doctor_problems()
+    if getattr(args, "dataset", None):
+        problems += dataset_problems(args.dataset, args.configuration, args.plans)
+    for path in getattr(args, "checkpoint", None) or []:
+        from nnunet_topomae.inspect_checkpoint import format_info, inspect_file
+        info = inspect_file(path)
+        print("\n".join(format_info(info)) + "\n")
+        if not info["safe"]:
+            problems.append(f"{path} contains code or objects that are not weights -> do not use it; ask for a "
+                            f"checkpoint written by nnunet-topomae or nnU-Net")
     for pkg, _, _ in TESTED_VERSIONS:
         try:
             print(f"{pkg:10s} {metadata.version(pkg)}")
@@ -98,7 +137,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      description="Masked-autoencoder self-pretraining for nnU-Net v2")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help='print the nnUNet_extTrainer export line: eval "$(nnunet-topomae env)"')
-    sub.add_parser("doctor", help="check versions, nnUNet_* folders and that nnU-Net finds every trainer")
+    doc = sub.add_parser("doctor", help="check versions, nnUNet_* folders and that nnU-Net finds every trainer; with -d, "
+                                        "that the dataset is preprocessed; with --checkpoint, what a checkpoint is")
+    doc.add_argument("-d", dest="dataset", default=None, help="dataset name or id to check")
+    doc.add_argument("-c", dest="configuration", default="3d_fullres")
+    doc.add_argument("-p", dest="plans", default="nnUNetPlans")
+    doc.add_argument("--checkpoint", nargs="*", default=None, help="checkpoint files to inspect (nnunet-topomae inspect)")
     for register in _optional_commands():
         register(sub)
     args = parser.parse_args(argv)
@@ -107,8 +151,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _optional_commands():
-    from nnunet_topomae import bench, demo
-    return [demo.add_parser, bench.add_parser]
+    from nnunet_topomae import bench, demo, inspect_checkpoint
+    return [demo.add_parser, bench.add_parser, inspect_checkpoint.add_parser]
 
 
 if __name__ == "__main__":

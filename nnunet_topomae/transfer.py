@@ -6,7 +6,13 @@ has new layers (fusion), and a plain-MAE checkpoint has no CNN, so that strict r
 ``install_pretrained_weights_hook`` therefore wraps nnU-Net's function once: a network that carries
 a ``pretrained_loader`` callable (set by our finetuning trainer) is loaded by it; every other network
 goes to nnU-Net's own function unchanged (so the stock ``nnUNetTrainer`` still loads HybridMIM
-weights the stock way).
+weights the stock way, and unsafely: nnU-Net unpickles them with ``weights_only=False``).
+
+Every load here is ``safe_load`` (``weights_only=True``): a file that holds code is refused.
+``load_with_stock_rules`` is nnU-Net's key rule on a safely loaded file, for
+``nnUNetTrainerHybridMIMFinetune``. The hook also wraps nnU-Net's ``maybe_load_checkpoint`` so that a
+trainer with ``resolve_start`` (``PretrainedStartMixin``) decides what ``--c`` and
+``-pretrained_weights`` mean together.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from nnunet_topomae.errors import UserInputError
+from nnunet_topomae.utils.checkpoint import safe_load
 
 # (prefix in the finetuning network, human name); prefixes are shared with TopoMAENetwork
 PRETRAINED_PARTS = [("vit_encoder.", "ViT encoder"), ("cnn.encoder.", "CNN encoder"), ("cnn.decoder.", "CNN decoder")]
@@ -34,13 +41,7 @@ def pretrained_part(key: str) -> Optional[str]:
 
 def read_pretraining_checkpoint(fname: str) -> dict:
     """Load on the CPU whatever device wrote it; one clear line if it is not a pretraining checkpoint."""
-    try:
-        ckpt = torch.load(fname, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise UserInputError(f"pretrained weights file {fname} does not exist")
-    except Exception as e:
-        raise UserInputError(f"cannot read {fname} as a PyTorch checkpoint ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:100]}); is the file complete?")
+    ckpt = safe_load(fname, map_location="cpu", what="pretrained weights file")
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise UserInputError(f"{fname} is not an nnU-Net checkpoint (no 'network_weights')")
     if "pretraining" not in ckpt:
@@ -117,22 +118,58 @@ def select_transfer(model_state: Dict[str, torch.Tensor], pretrained: Dict[str, 
     return load, per_part, fresh
 
 
+def load_with_stock_rules(network: torch.nn.Module, fname: str) -> int:
+    """nnU-Net's ``load_pretrained_weights`` rule (every key but ``.seg_layers.`` present with the same
+    shape), on a safely loaded file, with one line instead of an AssertionError; returns the count."""
+    ckpt = safe_load(fname, map_location="cpu", what="pretrained weights file")
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise UserInputError(f"{fname} is not an nnU-Net checkpoint (no 'network_weights')")
+    pretrained = ckpt["network_weights"]
+    own = network.state_dict()
+    wanted = [k for k in own if ".seg_layers." not in k]
+    missing = [k for k in wanted if k not in pretrained]
+    if missing:
+        hint = (" (it is a TopoMAE/MAE pretraining checkpoint: finetune it with -tr nnUNetTrainerTopoMAEFinetune)"
+                if any(k.startswith("vit_encoder.") for k in pretrained) else "")
+        raise UserInputError(f"{fname} does not fit this network: {len(missing)} tensors missing, e.g. {missing[0]}{hint}")
+    bad = [k for k in wanted if tuple(pretrained[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise UserInputError(f"{fname} does not fit this network: tensor {bad[0]} has shape "
+                             f"{tuple(pretrained[bad[0]].shape)} there, {tuple(own[bad[0]].shape)} here (other plans?)")
+    own.update({k: pretrained[k].to(own[k].device, own[k].dtype) for k in wanted})
+    network.load_state_dict(own)
+    return len(wanted)
+
+
+def _unwrap(network):
+    mod = network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
+    return getattr(mod, "_orig_mod", mod)
+
+
 _original_loader = None
+_original_maybe_load = None
 
 
 def install_pretrained_weights_hook() -> None:
-    global _original_loader
+    global _original_loader, _original_maybe_load
     import nnunetv2.run.run_training as run_training
     if _original_loader is not None:
         return
     _original_loader = run_training.load_pretrained_weights
+    _original_maybe_load = run_training.maybe_load_checkpoint
 
     def load_pretrained_weights(network, fname, verbose=False):
-        mod = network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
-        mod = getattr(mod, "_orig_mod", mod)
-        loader = getattr(mod, "pretrained_loader", None)
+        loader = getattr(_unwrap(network), "pretrained_loader", None)
         if callable(loader):
             return loader(fname)
         return _original_loader(network, fname, verbose)
 
+    def maybe_load_checkpoint(nnunet_trainer, continue_training, validation_only, pretrained_weights_file=None):
+        resolve = getattr(nnunet_trainer, "resolve_start", None)
+        if callable(resolve):
+            continue_training, pretrained_weights_file = resolve(continue_training, validation_only,
+                                                                 pretrained_weights_file)
+        return _original_maybe_load(nnunet_trainer, continue_training, validation_only, pretrained_weights_file)
+
     run_training.load_pretrained_weights = load_pretrained_weights
+    run_training.maybe_load_checkpoint = maybe_load_checkpoint

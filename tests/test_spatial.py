@@ -54,13 +54,21 @@ def test_octant_targets_anisotropic():
 
 def test_octant_targets_negative_lb_of_padded_small_case():
     # case (10, 30, 30) smaller than the patch on x: nnU-Net pads, lb (-3, 5, 0), patch (16, 16, 16)
-    # box x [-3, 13], y [5, 21], z [0, 16]
-    # x: -3 -> -1.6, 13 -> 1.6, centre 5 -> 0;  y: 5 -> -2/3, 21 -> 0.4, centre 13 -> -2/15
-    # z: 0 -> -1, 16 -> 1/15, centre 8 -> -7/15
+    # box x [-3, 13], y [5, 21], z [0, 16]; p_hat = 2 (p - S/2) / max(S, P)
+    # x (S 10 < P 16, divided by 16): -3 -> -1, 13 -> 1, centre 5 -> 0
+    # y: 5 -> -2/3, 21 -> 0.4, centre 13 -> -2/15;  z: 0 -> -1, 16 -> 1/15, centre 8 -> -7/15
     expected = [0.0, -2 / 15, -7 / 15,
-                -1.6, -2 / 3, -1.0, -1.6, -2 / 3, 1 / 15, -1.6, 0.4, -1.0, -1.6, 0.4, 1 / 15,
-                1.6, -2 / 3, -1.0, 1.6, -2 / 3, 1 / 15, 1.6, 0.4, -1.0, 1.6, 0.4, 1 / 15]
+                -1.0, -2 / 3, -1.0, -1.0, -2 / 3, 1 / 15, -1.0, 0.4, -1.0, -1.0, 0.4, 1 / 15,
+                1.0, -2 / 3, -1.0, 1.0, -2 / 3, 1 / 15, 1.0, 0.4, -1.0, 1.0, 0.4, 1 / 15]
     np.testing.assert_allclose(octant_targets((-3, 5, 0), (16, 16, 16), (10, 30, 30)), expected, atol=1e-6)
+
+
+def test_octant_targets_stay_bounded_for_a_tiny_case():
+    # a 4^3 case under a 40^3 patch: every crop position nnU-Net's padding allows keeps |target| <= 3
+    # (dividing by the case's extent gave about +-20 here)
+    worst = max(np.abs(octant_targets((lb, lb, lb), (40, 40, 40), (4, 4, 4))).max() for lb in range(-36, 1))
+    assert worst <= 3.0
+    assert np.abs(octant_targets((-18, -18, -18), (40, 40, 40), (4, 4, 4))).max() == pytest.approx(1.0)
 
 
 def test_spatial_head_and_loss_shapes():
@@ -117,9 +125,10 @@ def _decode_lb(crop: np.ndarray, case_shape) -> tuple:
     return tuple(int(i) for i in lb)
 
 
-def _decode_targets(t: np.ndarray, case_shape):
-    """Invert p_hat = 2p/S - 1 -> (centre, corners (8, 3)) in voxel coordinates."""
-    p = (t.reshape(9, 3).astype(np.float64) + 1) * np.asarray(case_shape, np.float64) / 2
+def _decode_targets(t: np.ndarray, case_shape, patch):
+    """Invert p_hat = 2 (p - S/2) / max(S, P) -> (centre, corners (8, 3)) in voxel coordinates."""
+    s = np.asarray(case_shape, np.float64)
+    p = t.reshape(9, 3).astype(np.float64) * np.maximum(s, np.asarray(patch, np.float64)) / 2 + s / 2
     return p[0], p[1:]
 
 
@@ -138,7 +147,7 @@ def test_loader_targets_describe_the_crop_taken():
         for i, key in enumerate(batch["keys"]):
             shape = shapes[key]
             lb = _decode_lb(batch["data"][i].numpy(), shape)
-            centre, corners = _decode_targets(batch["spatial"][i].numpy(), shape)
+            centre, corners = _decode_targets(batch["spatial"][i].numpy(), shape, patch)
             np.testing.assert_allclose(corners[0], lb, atol=1e-3)
             np.testing.assert_allclose(centre, np.asarray(lb) + np.asarray(patch) / 2, atol=1e-3)
             np.testing.assert_allclose(corners, np.asarray(lb) + np.array(CORNER_ORDER) * np.asarray(patch), atol=1e-3)
@@ -146,3 +155,22 @@ def test_loader_targets_describe_the_crop_taken():
             seen_lbs[key].add(lb)
     assert seen_negative_lb, "the padded small case never produced a negative lb"
     assert len(seen_lbs["big"]) > 1, "crops of the big case should be at random positions"
+
+
+def test_loader_spatial_term_of_a_tiny_case_stays_in_its_usual_range():
+    # issue 22: one 4x4x4 case among normal ones made the spatial term 57-95 instead of 0.4-0.9. The
+    # term for a network that predicts the crop centre of the case (0) is the mean squared target:
+    # with the patch-sized floor a tiny case's crops give a term of the same size as a normal case's.
+    np.random.seed(0)
+    patch = (40, 40, 40)
+    ds = FakeNNUNetDataset({"tiny": (4, 4, 4), "normal": (60, 70, 50)})
+    lm = LabelManager({"background": 0, "fg": 1}, regions_class_order=None)
+    dl = PretrainDataLoader(ds, 4, patch, lm, transforms=None)
+    terms = {"tiny": [], "normal": []}
+    for _ in range(10):
+        batch = dl.generate_train_batch()
+        for i, key in enumerate(batch["keys"]):
+            terms[key].append(float(spatial_loss(torch.zeros(27), batch["spatial"][i])))
+    assert terms["tiny"] and terms["normal"]
+    assert max(terms["tiny"]) < 2.0, terms["tiny"]
+    assert 0.1 < np.mean(terms["normal"]) < 2.0

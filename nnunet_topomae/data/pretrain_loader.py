@@ -12,7 +12,8 @@ processes, off the training step's critical path).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import os
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunet_topomae.losses.spatial import octant_targets
+from nnunet_topomae.utils.process import die_with_parent
 
 
 def intensity_transforms() -> ComposeTransforms:
@@ -43,6 +45,22 @@ def intensity_transforms() -> ComposeTransforms:
     ])
 
 
+def cases_smaller_than_patch(dataset, patch_size) -> Tuple[int, Optional[str], Optional[tuple]]:
+    """(how many cases are smaller than the patch on some axis, the smallest one's key, its shape).
+    nnU-Net pads such cases; the spatial targets stay bounded for them (``octant_targets``), but they
+    carry little image, so the trainer names them once at the start."""
+    small = []
+    for key in dataset.identifiers:
+        data = dataset.load_case(key)[0]  # nnU-Net's datasets open cases lazily (memory-mapped)
+        shape = tuple(int(i) for i in data.shape[1:])
+        if any(s < p for s, p in zip(shape, patch_size)):
+            small.append((int(np.prod(shape)), key, shape))
+    if not small:
+        return 0, None, None
+    _, key, shape = min(small)
+    return len(small), key, shape
+
+
 class PretrainDataLoader(nnUNetDataLoader):
     def __init__(self, data, batch_size: int, patch_size, label_manager, transforms=None,
                  persistence_fn: Optional[Callable[[np.ndarray], object]] = None):
@@ -51,8 +69,12 @@ class PretrainDataLoader(nnUNetDataLoader):
         # the random-crop branch of get_bbox must be taken even with an ignore label: labels are unused
         self.has_ignore = False
         self.persistence_fn = persistence_fn
+        self._owner = os.getpid()
 
     def generate_train_batch(self) -> dict:
+        if os.getpid() != self._owner:
+            # a data-loading worker (nnU-Net forks them from the training process): end with it
+            die_with_parent(self._owner)
         keys = self.get_indices()
         images, spatial, pairs = [], [], []
         with torch.no_grad():

@@ -10,7 +10,10 @@ case; this subclass
   - makes ``--c`` work: nnU-Net 2.8.1's ``nnUNetTrainer_warmup.load_checkpoint`` calls ``torch.load``
     without ``weights_only=False`` (refused by torch >= 2.6) and ignores a checkpoint dict; we load
     with the stock trainer's loader and then select the optimiser stage of the saved epoch;
-  - writes checkpoints atomically, as every trainer of this package.
+  - writes checkpoints atomically and loads ``--c`` checkpoints and ``-pretrained_weights`` safely
+    (``weights_only=True``; nnU-Net's own loader unpickles anything), as every trainer of this package;
+  - never turns a run started from pretrained weights into a from-scratch run on ``--c``
+    (``PretrainedStartMixin``).
 Whether it beats the stock trainer on HybridMIM weights is for the benchmark to say
 (``hybridmim_warmup`` arm of benchmarks/run.py).
 """
@@ -18,23 +21,31 @@ from __future__ import annotations
 
 from typing import Union
 
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.lr_schedule.nnUNetTrainer_warmup import nnUNetTrainer_warmup
 
-from nnunet_topomae.trainers.common import TopoMAETrainerMixin
+from nnunet_topomae.trainers.common import PretrainedStartMixin, TopoMAETrainerMixin
+from nnunet_topomae.transfer import install_pretrained_weights_hook, load_with_stock_rules
+
+install_pretrained_weights_hook()
 
 
-class nnUNetTrainerHybridMIMFinetune(TopoMAETrainerMixin, nnUNetTrainer_warmup):
+class nnUNetTrainerHybridMIMFinetune(PretrainedStartMixin, TopoMAETrainerMixin, nnUNetTrainer_warmup):
     warmup_fraction: float = 0.05
 
     def initialize(self):
         # num_epochs is final here (subclasses and schedule shims set it after __init__)
         self.warmup_duration_whole_net = max(1, int(round(self.warmup_fraction * self.num_epochs)))
         super().initialize()
+        # picked up by the -pretrained_weights hook: nnU-Net's key rule on a safely loaded file
+        self._unwrapped_network().pretrained_loader = self.load_pretrained_safely
+
+    def load_pretrained_safely(self, fname: str) -> None:
+        n = load_with_stock_rules(self._unwrapped_network(), fname)
+        self.print_to_log_file(f"Pretrained weights from {fname}: loaded {n} tensors (segmentation layers fresh)")
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         # both stages use the same SGD over the same parameters, so the stock loader restores the
         # optimiser state whichever stage initialize() built; the saved epoch then picks the stage
-        nnUNetTrainer.load_checkpoint(self, filename_or_checkpoint)
+        TopoMAETrainerMixin.load_checkpoint(self, filename_or_checkpoint)
         stage = "warmup_all" if self.current_epoch < self.warmup_duration_whole_net else "train"
         self.optimizer, self.lr_scheduler = self.configure_optimizers(stage)

@@ -33,7 +33,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch import distributed as dist
 
-from nnunet_topomae.data.pretrain_loader import PretrainDataLoader, intensity_transforms
+from nnunet_topomae.data.pretrain_loader import PretrainDataLoader, cases_smaller_than_patch, intensity_transforms
 from nnunet_topomae.errors import UserInputError
 from nnunet_topomae.trainers.common import TopoMAETrainerMixin
 from nnunet_topomae.utils.lr_schedule import WarmupCosineLR
@@ -108,6 +108,12 @@ class nnUNetPretrainTrainerBase(TopoMAETrainerMixin, nnUNetTrainer):
                                  f"{len(dataset_val.identifiers)} validation cases; pretraining needs both "
                                  f"(check splits_final.json in {self.preprocessed_dataset_folder_base})")
         patch = self.configuration_manager.patch_size
+        n_small, key, shape = cases_smaller_than_patch(dataset_tr, patch)
+        if n_small:
+            self.print_to_log_file(
+                f"{n_small} of {len(dataset_tr.identifiers)} training cases are smaller than the patch {list(patch)} on some "
+                f"axis (smallest: {key}, {list(shape)}); nnU-Net pads them, and their spatial targets are normalised by "
+                f"the patch instead of the case (nnunet_topomae.losses.spatial)")
         pfn = self.persistence_fn()
         dl_tr = PretrainDataLoader(dataset_tr, self.batch_size, patch, self.label_manager,
                                    transforms=intensity_transforms(), persistence_fn=pfn)
@@ -250,14 +256,9 @@ class nnUNetPretrainTrainerBase(TopoMAETrainerMixin, nnUNetTrainer):
         return {"term_history": self.term_history, "_val_ema": self._val_ema,
                 "pretraining": self.pretraining_record()}
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        ckpt = filename_or_checkpoint
-        if isinstance(ckpt, str):
-            ckpt = torch.load(ckpt, map_location=self.device, weights_only=False)
-        self.term_history = ckpt.get("term_history", self.term_history)
-        self._val_ema = ckpt.get("_val_ema")
-        # nnU-Net 2.8.1's load_checkpoint only handles a path (a dict leaves `checkpoint` unbound)
-        super().load_checkpoint(filename_or_checkpoint)
+    def after_checkpoint_loaded(self, checkpoint: dict) -> None:
+        self.term_history = checkpoint.get("term_history", self.term_history)
+        self._val_ema = checkpoint.get("_val_ema")
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("Pretraining: nnU-Net's segmentation validation does not apply and is skipped "

@@ -18,7 +18,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_topomae.architectures.hybrid_net import HybridViTUNet
 from nnunet_topomae.errors import UserInputError
-from nnunet_topomae.trainers.common import TopoMAETrainerMixin
+from nnunet_topomae.trainers.common import PretrainedStartMixin, TopoMAETrainerMixin
 from nnunet_topomae.trainers.topomae_pretrain import build_plan_cnn, vit_config_from_plan
 from nnunet_topomae.transfer import (check_compatibility, install_pretrained_weights_hook,
                                      read_pretraining_checkpoint, select_transfer)
@@ -27,7 +27,7 @@ from nnunet_topomae.utils.lr_schedule import WarmupCosineLR
 install_pretrained_weights_hook()
 
 
-class nnUNetTrainerTopoMAEFinetune(TopoMAETrainerMixin, nnUNetTrainer):
+class nnUNetTrainerTopoMAEFinetune(PretrainedStartMixin, TopoMAETrainerMixin, nnUNetTrainer):
     vit_preset: str = "small"
     max_token: int = 16
     finetune_lr: float = 1e-3
@@ -114,10 +114,5 @@ class nnUNetTrainerTopoMAEFinetune(TopoMAETrainerMixin, nnUNetTrainer):
     def extra_checkpoint_fields(self) -> dict:
         return {"pretrained_from": self.pretrained_from}
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        ckpt = filename_or_checkpoint
-        if isinstance(ckpt, str):
-            ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
-        self.pretrained_from = ckpt.get("pretrained_from")
-        # nnU-Net 2.8.1's load_checkpoint only handles a path (a dict leaves `checkpoint` unbound)
-        super().load_checkpoint(filename_or_checkpoint)
+    def after_checkpoint_loaded(self, checkpoint: dict) -> None:
+        self.pretrained_from = checkpoint.get("pretrained_from")
