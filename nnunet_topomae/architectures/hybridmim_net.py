@@ -62,7 +62,7 @@ from torch import nn
 
 # the partial-prediction box lives with the masking geometry (the loss uses it too, and losses sit
 # below architectures); re-exported here for the network's callers
-from nnunet_topomae.masking.two_level import Box, MaskGeometry, box_to_voxel_slices, sample_box
+from nnunet_topomae.masking.two_level import Box, MaskGeometry, box_to_voxel_slices, normalise_box, sample_box
 
 __all__ = ["HybridMIMNetwork", "sample_box", "box_to_voxel_slices", "Box"]
 
@@ -122,7 +122,7 @@ class HybridMIMNetwork(nn.Module):
     # ------------------------------------------------------------------ helpers
     def crop_skips(self, skips: Sequence[torch.Tensor], box: Box) -> List[torch.Tensor]:
         """Crop encoder output ``k`` to ``box * (total_stride / cumulative_stride_k)`` per axis."""
-        lb, ub = _normalise_box(box, self.geometry)
+        lb, ub = normalise_box(box, self.geometry)
         out = []
         for k, s in enumerate(skips):
             f = self._crop_factors[k]

@@ -234,7 +234,7 @@ def apply_voxel_mask(x: torch.Tensor, voxel_mask: torch.Tensor, mask_value: floa
 Box = Tuple[Tuple[int, ...], Tuple[int, ...]]
 
 
-def _normalise_box(box: Box, geom: MaskGeometry) -> Box:
+def normalise_box(box: Box, geom: MaskGeometry) -> Box:
     lb, ub = box
     lb = tuple(int(i) for i in lb)
     ub = tuple(int(i) for i in ub)
@@ -271,5 +271,5 @@ def sample_box(
 
 def box_to_voxel_slices(box: Box, geom: MaskGeometry) -> Tuple[slice, ...]:
     """Voxel slices (spatial axes only) covered by a bottleneck-grid box."""
-    lb, ub = _normalise_box(box, geom)
+    lb, ub = normalise_box(box, geom)
     return tuple(slice(l * s, u * s) for l, u, s in zip(lb, ub, geom.subvolume_size))
