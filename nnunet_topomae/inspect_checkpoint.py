@@ -85,15 +85,15 @@ def format_info(info: Dict[str, object]) -> List[str]:
                        ("configuration", "configuration"), ("patch_size", "patch"), ("fold", "fold"),
                        ("tensors", "network tensors"), ("pretrained_from", "finetuned from")):
         if info.get(key) is not None:
-            lines.append(f"  {label + ':':16s}{info[key]}")
+            lines.append(f"  {label + ':':19s}{info[key]}")
     done, planned = info.get("epochs_done"), info.get("epochs_planned")
     if done is not None:
-        lines.append(f"  {'epochs:':16s}{done}" + (f" of {planned}" if planned is not None else ""))
+        lines.append(f"  {'epochs:':19s}{done}" + (f" of {planned}" if planned is not None else ""))
     complete = info.get("complete")
-    lines.append(f"  {'complete:':16s}" + ("yes" if complete else "no (continue it with --c)" if complete is False
+    lines.append(f"  {'complete:':19s}" + ("yes" if complete else "no (continue it with --c)" if complete is False
                                             else "unknown (nnU-Net's own checkpoints do not say)"))
     if "taken_by" in info:
-        lines.append(f"  {'use it with:':16s}{info['taken_by']}")
+        lines.append(f"  {'use it with:':19s}{info['taken_by']}")
     if info.get("method") in ("topomae", "mae"):
         stock = "no: it holds no nnU-Net CNN under nnU-Net's key names; the stock trainer would stop with 'Key ... is missing'"
     elif info.get("method") == "hybridmim":
@@ -102,7 +102,7 @@ def format_info(info: Dict[str, object]) -> List[str]:
         stock = "yes (no code inside)"
     else:
         stock = "no: not an nnU-Net checkpoint"
-    lines.append(f"  {'safe for nnU-Net:':16s}{stock}")
+    lines.append(f"  {'safe for nnU-Net:':19s}{stock}")
     return lines
 
 

@@ -28,6 +28,9 @@ from nnunet_topomae.trainers.pretrain_base import nnUNetPretrainTrainerBase
 
 INTERRUPT_ENV = "NNUNET_TOPOMAE_TEST_INTERRUPT_AFTER_EPOCH"
 INTERRUPT_EXIT_CODE = 75
+# "train_start": the process sends itself SIGKILL (kill -9) right after on_train_start, i.e. after
+# -pretrained_weights were loaded and before the first checkpoint
+SIGKILL_ENV = "NNUNET_TOPOMAE_TEST_SIGKILL_AT"
 
 
 class ShortScheduleMixin:
@@ -54,6 +57,13 @@ class ShortScheduleMixin:
             self.num_epochs = self.test_num_epochs
             self.num_iterations_per_epoch = self.test_num_iterations_per_epoch
             self.num_val_iterations_per_epoch = self.test_num_val_iterations_per_epoch
+
+    def on_train_start(self):
+        super().on_train_start()
+        if os.environ.get(SIGKILL_ENV) == "train_start":
+            self.print_to_log_file(f"{SIGKILL_ENV}=train_start: kill -9 before the first checkpoint")
+            sys.stdout.flush()
+            os.kill(os.getpid(), 9)
 
     def on_epoch_end(self):
         super().on_epoch_end()  # writes the checkpoints, then increments current_epoch
