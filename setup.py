@@ -22,6 +22,10 @@ setup(
         "SimpleITK>=2.3,<2.6",
         "numpy>=1.26,<2.5",
         "matplotlib>=3.8,<3.12",
+        # nnunet-topomae evaluate: HD95 and NSD (tested with 1.5.2 and 1.6.1 on torch 2.14.1)
+        "monai>=1.5.2,<1.7",
+        # nnunet-topomae evaluate: Betti b0 (tested with 4.1.1)
+        "connected-components-3d>=4.1,<5",
     ],
     extras_require={
         "test": ["pytest>=8,<10"],

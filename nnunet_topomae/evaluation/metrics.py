@@ -4,10 +4,11 @@ All functions take masks in numpy axis order and ``spacing`` in the same order, 
 ``read_seg`` properties give exactly that). Axes of length 1 are dropped before the surface metrics
 (nnU-Net reads a 2D image as a ``(1, H, W)`` array with a dummy spacing of 999 on the first axis).
 
-Surface metrics (``hd95``, ``nsd``) come from MONAI (``monai.metrics``). We use MONAI rather than
-DeepMind's ``surface-distance`` because MONAI is a maintained, versioned PyPI release (DeepMind's code
-is not published on PyPI by its authors) that needs nothing beyond the numpy and torch this package
-already has, and both metrics then share one boundary definition and one distance computation.
+Surface metrics (``hd95``, ``nsd``) come from MONAI (``monai.metrics``, pinned >=1.5.2,<1.7). We use
+MONAI rather than DeepMind's ``surface-distance`` because MONAI is maintained and released on PyPI in
+tested versions that need nothing beyond the numpy and torch this package already has (DeepMind's
+README installs from git; PyPI only holds a 0.1 upload), and both metrics then share one boundary
+definition and one distance computation.
 
 * Boundary: the voxels of a mask that have a face neighbour (6-neighbourhood in 3D, 4 in 2D) outside
   the mask (MONAI's ``get_mask_edges``: the mask XOR its binary erosion). Distances are Euclidean
@@ -40,6 +41,8 @@ Topology (``betti_numbers``, ``betti_errors``):
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
@@ -97,6 +100,14 @@ def _surface_inputs(pred, ref, spacing):
     return to_tensor(pred), to_tensor(ref), list(spacing)
 
 
+@contextmanager
+def _quiet_monai():
+    # MONAI 1.6 passes its own deprecated always_return_as_numpy argument internally; not ours to fix
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        yield
+
+
 # ====================================================================== surface metrics
 def hd95(pred, ref, spacing: Sequence[float]) -> float:
     """Symmetric 95th-percentile Hausdorff distance in mm between the boundaries of two binary masks
@@ -111,8 +122,9 @@ def hd95(pred, ref, spacing: Sequence[float]) -> float:
         return volume_diagonal_mm(pred.shape, spacing)
     from monai.metrics import compute_hausdorff_distance
     p, r, sp = _surface_inputs(pred, ref, spacing)
-    return float(compute_hausdorff_distance(p, r, include_background=True, percentile=HD_PERCENTILE,
-                                            spacing=sp)[0, 0])
+    with _quiet_monai():
+        return float(compute_hausdorff_distance(p, r, include_background=True, percentile=HD_PERCENTILE,
+                                                spacing=sp)[0, 0])
 
 
 def nsd(pred, ref, spacing: Sequence[float], tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM) -> float:
@@ -130,8 +142,9 @@ def nsd(pred, ref, spacing: Sequence[float], tolerance_mm: float = DEFAULT_NSD_T
         return 0.0
     from monai.metrics import compute_surface_dice
     p, r, sp = _surface_inputs(pred, ref, spacing)
-    return float(compute_surface_dice(p, r, class_thresholds=[float(tolerance_mm)], include_background=True,
-                                      spacing=sp, use_subvoxels=False)[0, 0])
+    with _quiet_monai():
+        return float(compute_surface_dice(p, r, class_thresholds=[float(tolerance_mm)], include_background=True,
+                                          spacing=sp, use_subvoxels=False)[0, 0])
 
 
 # ====================================================================== topology
