@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "nnunetv2>=2.8.1,<2.9",
-        "torch>=2.3,<=2.14.1",
+        "torch>=2.4.1,<=2.14.1",  # monai 1.5.2 (nnunet-topomae evaluate) needs 2.4.1
         "dynamic-network-architectures>=0.4.4,<0.5",
         "batchgeneratorsv2>=0.3.6,<0.4",
         "batchgenerators>=0.25.5,<0.26",

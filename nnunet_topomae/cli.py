@@ -1,4 +1,4 @@
-"""The ``nnunet-topomae`` command: env, doctor (and demo, bench where installed)."""
+"""The ``nnunet-topomae`` command: env, doctor, inspect, evaluate, demo, bench."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ from typing import List, Optional
 from nnunet_topomae.utils.ext_trainer import EXT_TRAINER_DIR, ext_trainer_value  # noqa: F401 (re-exported)
 
 # (package, minimum, exclusive maximum) as tested; see setup.py
-TESTED_VERSIONS = [("nnunetv2", "2.8.1", "2.9"), ("torch", "2.3", "2.14.2"), ("gudhi", "3.11", "3.14")]
+TESTED_VERSIONS = [("nnunetv2", "2.8.1", "2.9"), ("torch", "2.4.1", "2.14.2"), ("gudhi", "3.11", "3.14")]
 
 
 def cmd_env(args) -> int:
@@ -152,7 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _optional_commands():
     from nnunet_topomae import bench, demo, inspect_checkpoint
-    return [demo.add_parser, bench.add_parser, inspect_checkpoint.add_parser]
+    from nnunet_topomae.evaluation import evaluate
+    return [demo.add_parser, bench.add_parser, inspect_checkpoint.add_parser, evaluate.add_parser]
 
 
 if __name__ == "__main__":

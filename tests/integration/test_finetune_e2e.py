@@ -10,6 +10,8 @@ import shutil
 import pytest
 import torch
 
+from nnunet_topomae.utils.checkpoint import safe_load
+
 from integration.helpers import INTERRUPT_ENV, INTERRUPT_EXIT_CODE, console_script, output_folder, run, train
 
 pytestmark = pytest.mark.integration
@@ -17,7 +19,7 @@ TRAINER = "nnUNetTrainerTopoMAEFinetune_test"
 
 
 def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load(path)  # our checkpoints must load with weights_only=True
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ import re
 import pytest
 import torch
 
+from nnunet_topomae.utils.checkpoint import safe_load
+
 from integration.helpers import INTERRUPT_ENV, INTERRUPT_EXIT_CODE, describe, is_png, output_folder, train
 
 pytestmark = pytest.mark.integration
@@ -29,7 +31,7 @@ HEADS = ("perception_count.", "perception_position.", "projection.")
 
 
 def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load(path)  # our checkpoints must load with weights_only=True
 
 
 @pytest.fixture(scope="module")

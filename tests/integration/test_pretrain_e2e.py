@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+from nnunet_topomae.utils.checkpoint import safe_load
+
 from integration.helpers import (
     INTERRUPT_ENV,
     INTERRUPT_EXIT_CODE,
@@ -39,7 +41,7 @@ EPOCHS = 2  # ShortScheduleMixin.pretrain_epochs
 
 
 def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load(path)  # our checkpoints must load with weights_only=True
 
 
 def _logged_epochs(log_text: str):
