@@ -21,6 +21,7 @@ from collections import defaultdict
 import torch
 
 from nnunet_topomae.transfer import pretrained_part
+from nnunet_topomae.utils.checkpoint import safe_load
 
 
 def part_of(key: str):
@@ -30,7 +31,7 @@ def part_of(key: str):
 
 
 def load(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+    return safe_load(path)["network_weights"]
 
 
 def init_std_ratio(pre: dict, plans_file: str) -> dict:

@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     os.environ["nnUNet_n_proc_DA"] = "0"
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunet_topomae.utils.checkpoint import safe_load
 
     trainer = get_trainer_from_args(args.dataset, args.configuration, 0, "nnUNetTrainerTopoMAEPretrain", args.plans,
                                     device=torch.device("cpu"))
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     batches = [next(val) for _ in range(args.batches)]
     rows = {}
     for name, path in named:
-        weights = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+        weights = safe_load(path)["network_weights"]
         trainer.network.load_state_dict(weights)
         trainer.network.eval()
         got = {t: [] for t in TERMS}

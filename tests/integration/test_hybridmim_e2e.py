@@ -93,7 +93,7 @@ def test_stock_nnunet_trainer_loads_every_pretrained_tensor_but_the_seg_heads(hy
     assert os.path.isfile(os.path.join(ft_fold, "checkpoint_final.pth")), os.listdir(ft_fold)
     assert os.path.isfile(os.path.join(ft_fold, "validation", "summary.json")), os.listdir(ft_fold)
 
-    initial = torch.load(os.path.join(ft_fold, "initial_weights.pth"), map_location="cpu")
+    initial = safe_load(os.path.join(ft_fold, "initial_weights.pth"))
     pre = _load(pretrained)["network_weights"]
     n_seg, compared = 0, []
     for k, v in initial.items():
