@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -852,13 +853,44 @@ def format_topo_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# bytes per voxel of each synthetic volume (float32 volume, float64 smoothing buffers, autograd copies);
+# a round upper bound, so that a patch far beyond the machine is refused before it is allocated
+TOPO_BYTES_PER_VOXEL = 48
+
+
+def available_memory_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def topo_memory_problem(patch, batch: int, branches: int, available: Optional[int]) -> Optional[str]:
+    need = math.prod(int(p) for p in patch) * batch * (branches + 1) * TOPO_BYTES_PER_VOXEL
+    if available is None or need <= 0.8 * available:
+        return None
+    return (f"bench topo: --patch {' '.join(map(str, patch))} with --batch {batch} needs about {need / 2**30:.1f} GiB, "
+            f"this machine has {available / 2**30:.1f} GiB available; use a smaller --patch or --batch")
+
+
 def cmd_topo(args) -> int:
+    problem = topo_memory_problem(args.patch, args.batch, args.branches, available_memory_bytes())
+    if problem:
+        raise UserInputError(problem)
     if args.workers is None:
         from nnunet_topomae.losses.topological import default_pool_workers
         args.workers = default_pool_workers(args.batch * args.branches)
     _progress(args, f"bench topo: {args.repeats} repeats after one untimed round"
                     + (f"; starting a pool of {args.workers} persistence processes" if args.workers else ""))
-    report = measure_topo(args)
+    try:
+        report = measure_topo(args)
+    except MemoryError:
+        raise UserInputError(f"bench topo: out of memory at --patch {' '.join(map(str, args.patch))} --batch {args.batch}; "
+                             f"use a smaller --patch or --batch")
     if args.json:
         print(json.dumps(report, indent=2))
     else:

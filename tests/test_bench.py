@@ -272,3 +272,11 @@ def test_stats():
     s = bench._stats([3.0, 1.0, 2.0, 10.0])
     assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 10.0 and s["n"] == 4
     assert s["p10"] <= s["median"] <= s["p90"]
+
+
+def test_bench_topo_refuses_a_patch_beyond_the_memory_in_one_line():
+    from nnunet_topomae.bench import topo_memory_problem
+    msg = topo_memory_problem([1024, 1024, 1024], 2, 2, available=16 * 2**30)
+    assert msg and "needs about 288.0 GiB" in msg and "smaller --patch" in msg and "\n" not in msg
+    assert topo_memory_problem([128, 128, 128], 2, 2, available=16 * 2**30) is None
+    assert topo_memory_problem([1024, 1024, 1024], 2, 2, available=None) is None  # unknown: try

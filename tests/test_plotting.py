@@ -1,5 +1,6 @@
 """nnunet_topomae.utils.plotting: the pictures written next to nnU-Net's progress.png."""
 import numpy as np
+import pytest
 
 from nnunet_topomae.utils.plotting import plot_loss_terms, save_persistence_diagrams, save_volume_preview
 
@@ -33,3 +34,19 @@ def test_volume_preview_and_loss_terms_png(tmp_path):
     plot_loss_terms({"train": {"loss": [3.0, 2.0], "rec": [1.0, 0.5]}, "val": {"loss": [3.5, 2.5]}},
                     str(tmp_path / "l.png"))
     assert _png(tmp_path / "r.png") and _png(tmp_path / "l.png")
+
+
+def test_volume_preview_draws_with_the_voxel_spacing(tmp_path):
+    # 16 slices of 3 mm under 64 x 64 voxels of 0.8 mm: 48 mm x 51 mm, nearly square in mm; drawn per voxel
+    # (spacing ignored) the same slices would be 4x wider than high
+    import matplotlib.image as mpimg
+    from nnunet_topomae.utils.plotting import save_volume_preview
+    vol = np.random.default_rng(0).random((16, 64, 64)).astype(np.float32)
+    save_volume_preview({"a": vol, "b": vol}, str(tmp_path / "aniso.png"), spacing=[3.0, 0.8, 0.8])
+    save_volume_preview({"a": vol, "b": vol}, str(tmp_path / "voxels.png"), spacing=[1.0, 1.0, 1.0])
+    h_aniso, w_aniso = mpimg.imread(tmp_path / "aniso.png").shape[:2]
+    h_vox, w_vox = mpimg.imread(tmp_path / "voxels.png").shape[:2]
+    assert w_aniso == w_vox
+    # rows in mm: 64x64 (1) + two of 48x51 (0.94 each) vs in voxels 1 + two of 16x64 (0.25 each)
+    assert h_aniso / w_aniso == pytest.approx((2.4 * (1 + 2 * 48 / 51.2) + 0.3) / 4.8, rel=0.05)
+    assert h_vox / w_vox == pytest.approx((2.4 * 1.5 + 0.3) / 4.8, rel=0.05)

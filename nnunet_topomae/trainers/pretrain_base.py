@@ -230,7 +230,8 @@ class nnUNetPretrainTrainerBase(TopoMAETrainerMixin, nnUNetTrainer):
             with torch.no_grad():
                 cols = self.preview_columns(self._preview_batch)
             save_volume_preview(cols, join(self.output_folder, "reconstruction_preview.png"),
-                                title=f"{self.__class__.__name__}, epoch {self.current_epoch} (validation case)")
+                                title=f"{self.__class__.__name__}, epoch {self.current_epoch} (validation case)",
+                                spacing=self.configuration_manager.spacing)
             self.write_extra_pictures(cols)
         except Exception as e:  # a picture must never stop a training run
             self.print_to_log_file(f"Could not write the preview pictures: {e}")

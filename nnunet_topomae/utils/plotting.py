@@ -1,7 +1,7 @@
 """Pictures written next to nnU-Net's progress.png during pretraining."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, Optional, Sequence, List
 
 import matplotlib
 
@@ -45,23 +45,37 @@ def plot_loss_terms(history: Dict[str, Dict[str, List[float]]], path: str) -> No
 
 
 @_default_style
-def save_volume_preview(columns: Dict[str, np.ndarray], path: str, title: str = "") -> None:
-    """columns: name -> 3D volume (X, Y, Z). Rows are the three mid slices (one per axis)."""
+def save_volume_preview(columns: Dict[str, np.ndarray], path: str, title: str = "",
+                        spacing: Optional[Sequence[float]] = None) -> None:
+    """columns: name -> 3D volume (X, Y, Z). Rows are the three mid slices (one per axis), drawn with
+    the voxel spacing as aspect ratio (an anisotropic 3 x 0.8 x 0.8 mm plan would look squashed
+    otherwise) and each row as high as its slices are in mm, so there is little empty space."""
     names = list(columns)
-    fig, axes = plt.subplots(3, len(names), figsize=(2.6 * len(names), 7.5), squeeze=False)
     ref = columns[names[0]]
+    spacing = [1.0, 1.0, 1.0] if spacing is None else [float(x) for x in spacing]
+    rows = []  # (row axis, column axis) of the slice through each axis
+    for axis in range(3):
+        r, c = [a for a in range(3) if a != axis]
+        rows.append((r, c))
+    # physical height / width of each row's slice
+    ratios = [ref.shape[r] * spacing[r] / (ref.shape[c] * spacing[c]) for r, c in rows]
+    col_w = 2.4
+    fig, axes = plt.subplots(3, len(names), figsize=(col_w * len(names), col_w * sum(ratios) + (0.5 if title else 0.3)),
+                             squeeze=False, gridspec_kw=dict(height_ratios=ratios, hspace=0.04, wspace=0.04))
     vmin, vmax = np.percentile(ref, 1), np.percentile(ref, 99)
-    for c, name in enumerate(names):
+    for c_i, name in enumerate(names):
         vol = columns[name]
-        for axis in range(3):
+        for axis, (r, c) in enumerate(rows):
             sl = np.take(vol, vol.shape[axis] // 2, axis=axis)
-            axes[axis, c].imshow(sl, cmap="gray", vmin=vmin, vmax=vmax)
-            axes[axis, c].set_xticks([])
-            axes[axis, c].set_yticks([])
-        axes[0, c].set_title(name, fontsize=9)
+            axes[axis, c_i].imshow(sl, cmap="gray", vmin=vmin, vmax=vmax, aspect=spacing[r] / spacing[c],
+                                   interpolation="nearest")
+            axes[axis, c_i].set_xticks([])
+            axes[axis, c_i].set_yticks([])
+        axes[0, c_i].set_title(name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (0.55 if title else 0.3) / fig.get_figheight(),
+                        hspace=0.04, wspace=0.04)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

@@ -6,9 +6,7 @@ not preprocessed, and ``inspect`` on real checkpoints."""
 from __future__ import annotations
 
 import glob
-import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -139,7 +137,7 @@ def test_kill_9_during_pretraining_leaves_no_process_and_c_finishes(nnunet_datas
 def test_a_configuration_not_preprocessed_gets_one_line(nnunet_dataset):
     # the plans hold a 2d configuration that was never preprocessed
     env = nnunet_dataset.env(nnUNet_results=nnunet_dataset.fresh_results("not_pre"))
-    res = run([console_script("nnUNetv2_train"), str(nnunet_dataset.dataset_id), "3d_lowres" if False else "2d", "0",
+    res = run([console_script("nnUNetv2_train"), str(nnunet_dataset.dataset_id), "2d", "0",
                "-tr", "nnUNetTrainerTopoMAEFinetune", "-device", "cpu"], env, check=False)
     assert res.returncode == 1
     last = res.stderr.strip().splitlines()[-1]
