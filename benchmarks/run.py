@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Does self-pretraining beat nnU-Net from scratch? One entry point for every arm and tier.
+r"""Does self-pretraining beat nnU-Net from scratch? One entry point for every arm and tier.
 
     python benchmarks/run.py --raw ../shared/data/Task04_Hippocampus --tier quick --out /tmp/bench
+    python benchmarks/run.py --benchmark acdc --raw RAW/Dataset101_ACDC --tier cpu --out /work/bench_acdc
 
 Converts an MSD task folder (or takes an nnU-Net raw dataset folder), plans and preprocesses with
 nnU-Net, then runs each arm through the real ``nnUNetv2_train`` commands, on fold 0's validation
@@ -9,7 +10,35 @@ cases, with the same finetuning step budget for every arm. Labelled subsets (5, 
 training cases) are fixed, nested and written to ``labelled_subsets.json``; they are extra folds in
 nnU-Net's ``splits_final.json`` (same validation cases), which is nnU-Net's own mechanism for custom
 splits. Repeated seeds are repeated runs under other fold numbers. Evaluation is nnU-Net's own final
-validation (``fold_X/validation/summary.json``).
+validation (``fold_X/validation/summary.json``), plus HD95, NSD and Betti-number errors from
+``nnunet_topomae.evaluation.evaluate`` when that module is installed (its output goes to
+``fold_X/validation/summary_topology.json``; records written before are backfilled from the kept predictions).
+
+Benchmarks (``--benchmark``): ``hippocampus`` (default; dataset id 950, the MSD task folder, subsets of
+cases) and ``acdc`` (dataset id 951, the nnU-Net raw dataset Dataset101_ACDC made by
+``../shared/data/ACDC/get.sh``, its own protocol and budgets, ``ACDC_TIERS``).
+
+Grouped folds: when the raw folder holds ``splits_final_patientgrouped.json`` (or ``--splits FILE`` is
+given), that file becomes nnU-Net's ``splits_final.json`` (its folds 0-4, fold 0 used), and the labelled
+subsets are drawn by patient: cases are grouped by ``--group-regex`` (first group of the match; default
+``^(.+?)_frame\d+$``, ACDC's ``patientNNN_frameMM``; a case that does not match is its own group), 5 and 20
+patients are taken from a seeded permutation of fold 0's training patients (nested: the 5 are the first 5
+of the 20) with all frames of each, and "all" is every training case. Records then carry
+``labelled_patients`` beside ``labelled_cases``.
+
+CPU plans (tiers with ``plans="cpu"``): nnU-Net's own 3d_fullres plans with batch size 2 and CNN widths
+16-32-64-128 (``CPU_PLANS``). Rule for the patch: if the default 3d_fullres patch has at most
+``CPU_PATCH_TOLERANCE`` (1.5) x ``CPU_PATCH_VOXELS`` voxels (the budget, 40x56x40 = 89,600, Hippocampus's own
+patch, which keeps the quick tier under an hour on 2 cores), the plans are nnU-Net's default with only the
+batch size and widths changed (``nnUNetPlansCPU`` shares nnUNetPlans' preprocessed data; Hippocampus: no
+change). Otherwise the target spacing is coarsened the way nnU-Net coarsens for its 3d_lowres configuration,
+in steps of 3 %: first the fine axes (those more than 2x finer than the coarsest, e.g. the in-plane axes of
+thick-slice MRI), all axes once they are within 2x, until the patch nnU-Net's planner gives at that spacing
+has at most the budget's voxels (``nnunet_topomae.workflow.cpu_target_spacing``). That spacing is handed to
+nnU-Net the nnU-Net way, ``nnUNetv2_plan_experiment -d ID -overwrite_target_spacing ... -overwrite_plans_name
+nnUNetPlansCPU`` then ``nnUNetv2_preprocess -d ID -plans_name nnUNetPlansCPU -c 3d_fullres``, and batch size and
+widths are set in that plans file. The chosen spacing and patch (and the defaults) are printed and recorded
+in every result record (``plans``).
 
 Resumable: a run whose ``summary.json`` exists is not rerun; trained models stay in the results
 folder. Writes ``results.json``, ``results.md`` and ``results.png`` into ``--out``.
@@ -19,13 +48,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnunet_topomae.workflow import epoch_echo, make_plans_variant, nnunet_command, nnunet_env, run
+from nnunet_topomae.workflow import (CPU_PATCH_TOLERANCE, CPU_PATCH_VOXELS, cpu_target_spacing, epoch_echo,
+                                     make_plans_variant, median_shape_from_fingerprint, nnunet_command,
+                                     nnunet_env, run)
 
 ARMS = {  # arm -> (pretraining trainer or None, finetuning trainer)
     "scratch_nnunet": (None, "nnUNetTrainer"),
@@ -84,7 +116,29 @@ def tier_runs(tier: dict, extras: bool = False) -> List[tuple]:
 
 
 CPU_PLANS = dict(batch_size=2, features=[16, 32, 64, 128])
-DATASET_ID = 950
+DATASET_ID = 950  # Hippocampus's (the default benchmark's)
+
+# ACDC (issue 23): the calibration run first (nnU-Net from scratch with all labelled patients), then every
+# arm with 5 labelled patients (3 seeds of the anchor, the hybrid from scratch and the product, one of the
+# others), 20 and all patients for the anchor, the hybrid from scratch and the product. run_order keeps this
+# order within a seed, so seed 0 of everything comes before seeds 1 and 2 of the 5-patient arms.
+ACDC_PROTOCOL = [("scratch_nnunet", "all", 1), ("scratch_nnunet", 5, 3), ("topomae", 5, 3), ("scratch_hybrid", 5, 3),
+                 ("topomae_notopo", 5, 1), ("mae", 5, 1), ("hybridmim", 5, 1),
+                 ("scratch_nnunet", 20, 1), ("topomae", 20, 1), ("scratch_hybrid", 20, 1),
+                 ("topomae", "all", 1), ("scratch_hybrid", "all", 1)]
+ACDC_TIERS = {
+    "quick": dict(TIERS["quick"]),
+    # 1500 finetuning steps: nnU-Net's step on the CPU plans (patch 10x96x80) measured 0.44 s, the hybrid's 0.54 s,
+    # TopoMAE pretraining's 0.51 s (2 idle cores): 18 finetunes and 4 pretrainings in about 5 h (docs/BENCHMARKS.md)
+    "cpu": dict(pretrain_steps=1000, finetune_steps=1500, iters=50, plans="cpu", runs=ACDC_PROTOCOL, extra_runs=[]),
+    "full": dict(TIERS["full"], runs=ACDC_PROTOCOL, extra_runs=[]),
+}
+# --benchmark NAME -> dataset id (in the --out folder's nnUNet_raw), tiers, and how cases group into patients
+BENCHMARKS = {
+    "hippocampus": dict(dataset_id=DATASET_ID, tiers=TIERS),
+    "acdc": dict(dataset_id=951, tiers=ACDC_TIERS),
+}
+GROUP_REGEX = r"^(.+?)_frame\d+$"  # ACDC: patient001_frame01 and patient001_frame12 -> patient001
 
 
 def run_order(runs) -> List[tuple]:
@@ -151,45 +205,162 @@ def write_trainer_shims(folder: str, tier: dict) -> Dict:
     return names
 
 
-def prepare(args, env, log) -> str:
-    """Raw dataset in place, planned and preprocessed; returns the dataset name."""
+def prepare(args, env, log, dataset_id: int = DATASET_ID) -> str:
+    """Raw dataset in place, planned (nnU-Net's default plans) and, unless the CPU plans replace them,
+    preprocessed; returns the dataset name."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     raw_root = env["nnUNet_raw"]
-    existing = [d for d in os.listdir(raw_root) if d.startswith(f"Dataset{DATASET_ID:03d}_")]
+    prefix = f"Dataset{dataset_id:03d}_"
+    existing = [d for d in os.listdir(raw_root) if d.startswith(prefix)]
+    is_nnunet_raw = os.path.isfile(os.path.join(args.raw, "dataset.json")) and "channel_names" in load_json(
+        os.path.join(args.raw, "dataset.json"))
+    if existing and is_nnunet_raw and os.path.islink(os.path.join(raw_root, existing[0])) and \
+            os.path.realpath(os.path.join(raw_root, existing[0])) != os.path.realpath(args.raw):
+        sys.exit(f"benchmark: {os.path.join(raw_root, existing[0])} points at "
+                 f"{os.path.realpath(os.path.join(raw_root, existing[0]))}, not at {args.raw}; use another --out or "
+                 f"--dataset-id")
     if not existing:
-        if os.path.isfile(os.path.join(args.raw, "dataset.json")) and "channel_names" in load_json(
-                os.path.join(args.raw, "dataset.json")):
-            os.symlink(os.path.abspath(args.raw), os.path.join(raw_root, f"Dataset{DATASET_ID:03d}_Bench"))
+        if is_nnunet_raw:
+            # keep the raw dataset's own name (Dataset101_ACDC -> Dataset951_ACDC), else "Bench"
+            m = re.match(r"^Dataset\d+_(.+)$", os.path.basename(os.path.normpath(args.raw)))
+            os.symlink(os.path.abspath(args.raw), os.path.join(raw_root, prefix + (m.group(1) if m else "Bench")))
         else:
             if not os.path.isdir(os.path.join(args.raw, "imagesTs")):
                 sys.exit(f"benchmark: {args.raw} has no imagesTs folder; nnU-Net's MSD converter needs one (it may be empty)")
             run([nnunet_command("nnUNetv2_convert_MSD_dataset"), "-i", os.path.abspath(args.raw), "-overwrite_id",
-                 str(DATASET_ID), "-np", "1"], env, log)
-        existing = [d for d in os.listdir(raw_root) if d.startswith(f"Dataset{DATASET_ID:03d}_")]
+                 str(dataset_id), "-np", "1"], env, log)
+        existing = [d for d in os.listdir(raw_root) if d.startswith(prefix)]
     name = existing[0]
     if not os.path.isfile(os.path.join(env["nnUNet_preprocessed"], name, "nnUNetPlans.json")):
-        print("planning and preprocessing ...", flush=True)
-        run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1"],
-            env, log)
+        print("planning ...", flush=True)
+        run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1",
+             "--no_pp"], env, log)
     return name
 
 
-def write_splits(pre_dir: str, seeds: int) -> Dict:
-    """Fold 0 as nnU-Net made it, plus folds with nested labelled subsets of its training cases."""
+def preprocessed_complete(env, name: str, plans: str) -> bool:
+    """Whether ``plans``' 3d_fullres data and the ground truth copy are there for every labelled raw case."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    pre = os.path.join(env["nnUNet_preprocessed"], name)
+    if not os.path.isfile(os.path.join(pre, plans + ".json")):
+        return False
+    ident = load_json(os.path.join(pre, plans + ".json"))["configurations"]["3d_fullres"]["data_identifier"]
+    ending = load_json(os.path.join(env["nnUNet_raw"], name, "dataset.json"))["file_ending"]
+    n = len([f for f in os.listdir(os.path.join(env["nnUNet_raw"], name, "labelsTr")) if f.endswith(ending)])
+    data, gt = os.path.join(pre, ident), os.path.join(pre, "gt_segmentations")
+    return (os.path.isdir(data) and os.path.isdir(gt) and len([f for f in os.listdir(gt) if f.endswith(ending)]) == n
+            and len([f for f in os.listdir(data) if f.endswith(".pkl")]) == n)
+
+
+def preprocess_default(env, log, name: str, dataset_id: int) -> None:
+    """nnU-Net's default 3d_fullres preprocessing (what ``nnUNetv2_plan_and_preprocess -c 3d_fullres`` does after
+    planning), unless it is complete."""
+    if not preprocessed_complete(env, name, "nnUNetPlans"):
+        print("preprocessing (nnUNetPlans, 3d_fullres) ...", flush=True)
+        run([nnunet_command("nnUNetv2_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1"], env, log)
+
+
+def plans_summary(pre_dir: str, plans: str) -> dict:
+    """Spacing, patch, batch size and widths of ``plans``' 3d_fullres configuration, and nnUNetPlans' defaults."""
+    cfg = lambda p: json.load(open(os.path.join(pre_dir, p + ".json")))["configurations"]["3d_fullres"]
+    c, d = cfg(plans), cfg("nnUNetPlans")
+    return dict(name=plans, spacing=[float(x) for x in c["spacing"]], patch_size=[int(x) for x in c["patch_size"]],
+                patch_voxels=int(np.prod(c["patch_size"])), batch_size=int(c["batch_size"]),
+                features=list(c["architecture"]["arch_kwargs"]["features_per_stage"]),
+                default_spacing=[float(x) for x in d["spacing"]], default_patch_size=[int(x) for x in d["patch_size"]],
+                coarsened=[float(x) for x in c["spacing"]] != [float(x) for x in d["spacing"]])
+
+
+def make_cpu_plans(env, log, name: str, dataset_id: int, budget: int = CPU_PATCH_VOXELS, plans: str = "nnUNetPlansCPU") -> dict:
+    """The CPU plans variant of the module docstring (batch 2, widths 16-128; coarser target spacing if nnU-Net's
+    default patch is much larger than ``budget`` voxels), planned and preprocessed; returns ``plans_summary``."""
+    pre_dir = os.path.join(env["nnUNet_preprocessed"], name)
+    default = json.load(open(os.path.join(pre_dir, "nnUNetPlans.json")))
+    cfg = default["configurations"]["3d_fullres"]
+    fingerprint = json.load(open(os.path.join(pre_dir, "dataset_fingerprint.json")))
+    spacing, patch, changed = cpu_target_spacing(
+        cfg["spacing"], cfg["median_image_size_in_voxels"], cfg["patch_size"], budget=budget,
+        median_shape_at=median_shape_from_fingerprint(fingerprint, default["transpose_forward"]))
+    if not changed:
+        preprocess_default(env, log, name, dataset_id)
+        make_plans_variant(pre_dir, plans, **CPU_PLANS)
+    else:
+        # -overwrite_target_spacing takes the axes in the images' own order (the planner transposes it)
+        original_order = [spacing[i] for i in np.argsort(default["transpose_forward"])]
+        path = os.path.join(pre_dir, plans + ".json")
+        planned = os.path.isfile(path) and np.allclose(
+            json.load(open(path))["configurations"]["3d_fullres"]["spacing"], spacing)
+        if not planned:
+            print(f"CPU plans: default patch {cfg['patch_size']} ({int(np.prod(cfg['patch_size']))} voxels) at spacing "
+                  f"{cfg['spacing']} exceeds {CPU_PATCH_TOLERANCE} x {budget} voxels: target spacing {spacing} "
+                  f"(expected patch {patch})", flush=True)
+            run([nnunet_command("nnUNetv2_plan_experiment"), "-d", str(dataset_id), "-overwrite_target_spacing",
+                 *[str(x) for x in original_order], "-overwrite_plans_name", plans], env, log)
+        make_plans_variant(pre_dir, plans, source=plans, **CPU_PLANS)  # batch size and widths, in place
+        if not preprocessed_complete(env, name, plans):
+            print(f"preprocessing ({plans}, 3d_fullres) ...", flush=True)
+            run([nnunet_command("nnUNetv2_preprocess"), "-d", str(dataset_id), "-plans_name", plans, "-c", "3d_fullres",
+                 "-np", "1"], env, log)
+    info = plans_summary(pre_dir, plans)
+    info["patch_voxel_budget"] = budget
+    print(f"CPU plans {plans}: spacing {info['spacing']}, patch {info['patch_size']} ({info['patch_voxels']} voxels), "
+          f"batch {info['batch_size']}, widths {info['features']} (nnU-Net's default: spacing {info['default_spacing']}, "
+          f"patch {info['default_patch_size']})", flush=True)
+    return info
+
+
+def group_of(case: str, regex: Optional[str]) -> str:
+    """The patient (group) a case belongs to: the first group of ``regex``'s match (the whole match if it has
+    none); a case that does not match is its own group."""
+    m = re.match(regex, case) if regex else None
+    if m is None:
+        return case
+    return m.group(1) if m.groups() else m.group(0)
+
+
+def grouped_subsets(train: List[str], regex: str, sizes=(5, 20), seed: int = 0):
+    """Nested labelled subsets drawn by patient: ``sizes`` patients from a seeded permutation of the patients of
+    ``train`` (every case of each), and "all". Returns (subsets of cases, subsets of patients)."""
+    groups: Dict[str, List[str]] = {}
+    for c in sorted(train):
+        groups.setdefault(group_of(c, regex), []).append(c)
+    order = [str(g) for g in np.random.default_rng(seed).permutation(sorted(groups))]
+    patients = {str(n): sorted(order[:n]) for n in sizes}
+    patients["all"] = sorted(groups)
+    subsets = {k: sorted(c for g in v for c in groups[g]) for k, v in patients.items()}
+    return subsets, patients
+
+
+def write_splits(pre_dir: str, seeds: int, source: Optional[str] = None, group_regex: Optional[str] = None,
+                 data_identifier: str = "nnUNetPlans_3d_fullres") -> Dict:
+    """Fold 0 as nnU-Net made it (or as ``source``, a splits file with patient-grouped folds, has it), plus folds
+    with nested labelled subsets of its training cases (by patient when ``source`` or ``group_regex`` is given)."""
     path = os.path.join(pre_dir, "splits_final.json")
-    if not os.path.isfile(path):
-        # exactly what nnUNetTrainer.do_split does when the file is missing
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-        from nnunetv2.utilities.crossval_split import generate_crossval_split
-        data = os.path.join(pre_dir, "nnUNetPlans_3d_fullres")
-        keys = sorted(infer_dataset_class(data).get_identifiers(data))
-        with open(path, "w") as f:
-            json.dump(generate_crossval_split(keys, seed=12345, n_splits=5), f)
-    with open(path) as f:
-        splits = json.load(f)
+    if source is not None:
+        with open(source) as f:
+            splits = json.load(f)
+    else:
+        if not os.path.isfile(path):
+            # exactly what nnUNetTrainer.do_split does when the file is missing
+            from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+            from nnunetv2.utilities.crossval_split import generate_crossval_split
+            data = os.path.join(pre_dir, data_identifier)
+            keys = sorted(infer_dataset_class(data).get_identifiers(data))
+            with open(path, "w") as f:
+                json.dump(generate_crossval_split(keys, seed=12345, n_splits=5), f)
+        with open(path) as f:
+            splits = json.load(f)
     base = splits[0]
-    order = list(np.random.default_rng(0).permutation(sorted(base["train"])))
-    subsets = {"5": sorted(order[:5]), "20": sorted(order[:20]), "all": sorted(base["train"])}
+    patients = None
+    if source is not None or group_regex is not None:
+        regex = group_regex or GROUP_REGEX
+        subsets, patients = grouped_subsets(base["train"], regex)
+        both = {group_of(c, regex) for c in base["train"]} & {group_of(c, regex) for c in base["val"]}
+        if both:
+            sys.exit(f"benchmark: patients on both sides of fold 0 (grouped by {regex!r}): {sorted(both)[:5]} ...")
+    else:
+        order = list(np.random.default_rng(0).permutation(sorted(base["train"])))
+        subsets = {"5": sorted(order[:5]), "20": sorted(order[:20]), "all": sorted(base["train"])}
     folds = {}
     splits = splits[:5]
     for seed in range(seeds):
@@ -198,8 +369,12 @@ def write_splits(pre_dir: str, seeds: int) -> Dict:
             splits.append({"train": subsets[label], "val": base["val"]})
     with open(path, "w") as f:
         json.dump(splits, f, indent=1)
-    return {"subsets": subsets, "folds": {f"{k[0]}_seed{k[1]}": v for k, v in folds.items()},
+    info = {"subsets": subsets, "folds": {f"{k[0]}_seed{k[1]}": v for k, v in folds.items()},
             "fold_of": folds, "n_train": len(base["train"]), "val": base["val"]}
+    if patients is not None:
+        info.update(patients=patients, group_regex=group_regex or GROUP_REGEX, splits_source=os.path.abspath(source)
+                    if source else None, n_train_patients=len(patients["all"]))
+    return info
 
 
 def per_case_dice(summary: dict) -> Dict[str, float]:
@@ -241,6 +416,72 @@ def backfill_per_case(results: List[dict], res_root: str, names: Dict, plans: st
     return n
 
 
+TOPO_SUMMARY = "summary_topology.json"  # evaluate_folders' default name, beside nnU-Net's summary.json
+
+
+def topo_available() -> bool:
+    """Whether ``nnunet_topomae.evaluation.evaluate`` (HD95, NSD, Betti errors) is installed."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec("nnunet_topomae.evaluation.evaluate") is not None
+    except ImportError:  # no nnunet_topomae.evaluation package
+        return False
+
+
+def topo_metric_fields(summary: dict) -> dict:
+    """Record fields from ``evaluate_folders``' output (nnU-Net's summary.json layout with HD95, NSD and
+    betti_b0/b1/b2_error per label): means over foreground classes and cases, and per class. The Betti error of
+    a class is b0 + b1 + b2 error (averaged over cases)."""
+    betti = lambda m: float(m["betti_b0_error"] + m["betti_b1_error"] + m["betti_b2_error"])
+    per_class = {k: v for k, v in summary["mean"].items()}
+    fm = summary["foreground_mean"]
+    return dict(mean_hd95=float(fm["HD95"]), mean_nsd=float(fm["NSD"]), mean_betti_error=betti(fm),
+                hd95={k: float(v["HD95"]) for k, v in per_class.items()},
+                nsd={k: float(v["NSD"]) for k, v in per_class.items()},
+                betti_error={k: betti(v) for k, v in per_class.items()},
+                betti_errors={k: {b: float(v[f"betti_{b}_error"]) for b in ("b0", "b1", "b2")} for k, v in per_class.items()})
+
+
+def evaluate_topo(validation_dir: str, pre_dir: str, plans: str, num_processes: int = 2) -> Optional[dict]:
+    """HD95, NSD and Betti errors of a finished run's validation predictions with
+    ``nnunet_topomae.evaluation.evaluate.evaluate_folders`` (against nnU-Net's gt_segmentations), as record
+    fields; None while that module is not installed, or if the evaluation fails (the benchmark goes on)."""
+    if not topo_available():
+        return None
+    from nnunet_topomae.evaluation.evaluate import evaluate_folders
+    out = os.path.join(validation_dir, TOPO_SUMMARY)
+    try:
+        if os.path.isfile(out):
+            with open(out) as f:
+                summary = json.load(f)
+        else:
+            summary = evaluate_folders(os.path.join(pre_dir, "gt_segmentations"), validation_dir,
+                                       os.path.join(pre_dir, "dataset.json"), os.path.join(pre_dir, plans + ".json"),
+                                       output_file=out, num_processes=num_processes)
+        return topo_metric_fields(summary)
+    except Exception as e:  # a metric bug must not stop a benchmark of hours; the predictions stay on disk
+        print(f"    evaluate_folders failed on {validation_dir}: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
+def backfill_topo(results: List[dict], res_root: str, names: Dict, plans: str, pre_dir: str) -> int:
+    """HD95 / NSD / Betti errors for runs recorded without them, from their kept validation predictions;
+    returns how many runs gained them."""
+    n = 0
+    if not topo_available():
+        return 0
+    for r in results:
+        if "mean_hd95" in r or r["arm"] not in ARMS:
+            continue
+        val = os.path.join(res_root, f"{names[('fine', r['arm'])]}__{plans}__3d_fullres", f"fold_{r['fold']}", "validation")
+        if os.path.isfile(os.path.join(val, "summary.json")):
+            extra = evaluate_topo(val, pre_dir, plans)
+            if extra is not None:
+                r.update(extra)
+                n += 1
+    return n
+
+
 def _continue(fold_dir: str) -> List[str]:
     """``--c`` if an interrupted training left a checkpoint_latest.pth in ``fold_dir``."""
     return ["--c"] if os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth")) else []
@@ -260,35 +501,64 @@ def main() -> int:
                          "network from scratch with 20 and all labels); without it, the issue's protocol only")
     ap.add_argument("--seeds", nargs="*", type=int, default=None,
                     help="restrict to these seeds (0, 1, ...), e.g. every arm's seed 0 in one sitting")
+    ap.add_argument("--benchmark", choices=list(BENCHMARKS), default="hippocampus",
+                    help="which protocol and budgets (TIERS or ACDC_TIERS) and which dataset id (950, 951)")
+    ap.add_argument("--dataset-id", type=int, default=None, help="nnU-Net dataset id in --out (default: the benchmark's)")
+    ap.add_argument("--splits", default=None,
+                    help="splits file with patient-grouped folds to use as splits_final.json (default: the raw "
+                         "folder's splits_final_patientgrouped.json if there is one, else nnU-Net's split)")
+    ap.add_argument("--group-regex", default=None,
+                    help=f"how case names group into patients for the labelled subsets (first group of the match; "
+                         f"default with grouped splits: {GROUP_REGEX!r})")
+    ap.add_argument("--cpu-patch-voxels", type=int, default=CPU_PATCH_VOXELS,
+                    help="voxel budget of the CPU plans' patch (module docstring)")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="plan, preprocess and write the splits, print the CPU plans, then stop")
     args = ap.parse_args()
-    tier = TIERS[args.tier]
+    bench = BENCHMARKS[args.benchmark]
+    tier = bench["tiers"][args.tier]
+    dataset_id = args.dataset_id if args.dataset_id is not None else bench["dataset_id"]
+    splits_source = args.splits
+    if splits_source is None and os.path.isfile(os.path.join(args.raw, "splits_final_patientgrouped.json")):
+        splits_source = os.path.join(args.raw, "splits_final_patientgrouped.json")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "benchmark_log.txt")
     shim_dir = os.path.join(out, "ext_trainers")
     names = write_trainer_shims(shim_dir, tier)
     env = nnunet_env(out, extra_ext=[shim_dir], n_proc_da=1)
-    name = prepare(args, env, log)
+    name = prepare(args, env, log, dataset_id)
     pre_dir = os.path.join(env["nnUNet_preprocessed"], name)
     plans = "nnUNetPlans"
     if tier["plans"] == "cpu":
         plans = "nnUNetPlansCPU"
-        make_plans_variant(pre_dir, plans, **CPU_PLANS)
+        plans_info = make_cpu_plans(env, log, name, dataset_id, budget=args.cpu_patch_voxels, plans=plans)
+    else:
+        preprocess_default(env, log, name, dataset_id)
+        plans_info = plans_summary(pre_dir, plans)
     runs = tier_runs(tier, args.extras)
     max_seeds = max(s for _, _, s in tier_runs(tier, extras=True))  # the same fold numbers with or without --extras
-    split_info = write_splits(pre_dir, max_seeds)
+    data_identifier = json.load(open(os.path.join(pre_dir, plans + ".json")))["configurations"]["3d_fullres"]["data_identifier"]
+    split_info = write_splits(pre_dir, max_seeds, source=splits_source, group_regex=args.group_regex,
+                              data_identifier=data_identifier)
     with open(os.path.join(out, "labelled_subsets.json"), "w") as f:
         json.dump({k: v for k, v in split_info.items() if k != "fold_of"}, f, indent=1)
+    if "patients" in split_info:
+        print(f"labelled subsets by patient ({split_info['group_regex']!r}): " + ", ".join(
+            f"{k}: {len(v)} patients / {len(split_info['subsets'][k])} cases" for k, v in split_info["patients"].items()),
+            flush=True)
+    if args.prepare_only:
+        return 0
 
     results_path = os.path.join(out, "results.json")
     results: List[dict] = json.load(open(results_path)) if os.path.isfile(results_path) else []
     current = lambda: [r for r in results if same_budget(r, tier)]  # the runs this tier resumes and reports
     done = {(r["arm"], str(r.get("subset", r["labelled_cases"])), r["seed"]) for r in current()}
     res_root = os.path.join(env["nnUNet_results"], name)
-    if backfill_per_case(current(), res_root, names, plans):
+    if backfill_per_case(current(), res_root, names, plans) + backfill_topo(current(), res_root, names, plans, pre_dir):
         with open(results_path, "w") as f:
             json.dump(results, f, indent=1)
-    train = lambda tr, fold: [nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(fold), "-p", plans,
+    train = lambda tr, fold: [nnunet_command("nnUNetv2_train"), str(dataset_id), "3d_fullres", str(fold), "-p", plans,
                               "-tr", tr, "-device", args.device]
     t_all = time.time()
     for arm, labelled, seed in run_order(runs):
@@ -312,7 +582,8 @@ def main() -> int:
                 t_pre = time.time() - t_pre
             extra = ["-pretrained_weights", ckpt]
         fold = split_info["fold_of"][(str(labelled), seed)]
-        print(f"[{time.time() - t_all:6.0f} s] {arm}: {names[('fine', arm)]}, {labelled} labelled cases, seed {seed} (fold {fold})",
+        what = f"{labelled} labelled {'patients' if 'patients' in split_info else 'cases'}"
+        print(f"[{time.time() - t_all:6.0f} s] {arm}: {names[('fine', arm)]}, {what}, seed {seed} (fold {fold})",
               flush=True)
         t0 = time.time()
         folder = os.path.join(res_root, f"{names[('fine', arm)]}__{plans}__3d_fullres", f"fold_{fold}")
@@ -333,10 +604,17 @@ def main() -> int:
                             steps=tier["finetune_steps"], pretrain_steps=pretrain_steps(arm, tier),
                             train_seconds=round(t_train, 1),
                             pretrain_seconds=round(t_pre, 1), fold=fold, tier=args.tier, device=args.device))
+        if "patients" in split_info:
+            results[-1]["labelled_patients"] = len(split_info["patients"][str(labelled)])
+        results[-1].update(dataset=name, plans=plans_info)
+        topo = evaluate_topo(os.path.dirname(summary), pre_dir, plans)
+        if topo is not None:
+            results[-1].update(topo)
         done.add(key)
         with open(results_path, "w") as f:
             json.dump(results, f, indent=1)
-        print(f"    mean Dice {results[-1]['mean_dice']:.4f} {dice}", flush=True)
+        print(f"    mean Dice {results[-1]['mean_dice']:.4f} {dice}" + (
+            f", HD95 {topo['mean_hd95']:.2f}, Betti error {topo['mean_betti_error']:.3f}" if topo else ""), flush=True)
         write_report(current(), out, quiet=True)  # partial tables while a long benchmark runs
     write_report(current(), out)
     return 0
@@ -349,11 +627,25 @@ def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
     groups: Dict = {}
     for r in results:
         groups.setdefault((r["arm"], r["labelled_cases"]), []).append(r["mean_dice"])
-    lines = ["| arm | labelled cases | runs | mean Dice (mean over seeds) | spread (max - min) | per seed |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    # grouped benchmarks (ACDC) say how many patients; HD95 / NSD / Betti columns once any run has them
+    patients = {r["labelled_cases"]: r["labelled_patients"] for r in results if "labelled_patients" in r}
+    label = lambda n: f"{patients[n]} ({n})" if n in patients else f"{n}"
+    topo = any("mean_hd95" in r for r in results)
+    lines = [f"| arm | labelled {'patients (cases)' if patients else 'cases'} | runs | mean Dice (mean over seeds) | "
+             f"spread (max - min) | per seed |" + (" mean HD95 mm | mean NSD | mean Betti error |" if topo else ""),
+             "| --- | --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if topo else "")]
+
+    def topo_cells(arm, n):
+        cells = []
+        for key in ("mean_hd95", "mean_nsd", "mean_betti_error"):
+            v = [r[key] for r in results if r["arm"] == arm and r["labelled_cases"] == n and key in r]
+            cells.append(f"{np.mean(v):.{2 if key == 'mean_hd95' else 3}f}" + (f" ({len(v)} runs)" if len(v) != len(
+                groups[(arm, n)]) else "") if v else "-")
+        return " " + " | ".join(cells) + " |"
     for (arm, n), v in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         spread = f"{max(v) - min(v):.4f}" if len(v) > 1 else "-"
-        lines.append(f"| {arm} | {n} | {len(v)} | {np.mean(v):.4f} | {spread} | {', '.join(f'{x:.4f}' for x in v)} |")
+        lines.append(f"| {arm} | {label(n)} | {len(v)} | {np.mean(v):.4f} | {spread} | {', '.join(f'{x:.4f}' for x in v)} |"
+                     + (topo_cells(arm, n) if topo else ""))
     lines += paired_lines(results)
     lines += paired_lines(results, anchor="scratch_hybrid")  # what pretraining adds to the same network
     lines += paired_lines(results, anchor="mae")  # the issue's goal: TopoMAE above plain MAE
@@ -375,7 +667,7 @@ def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
             ax.plot([x - 0.3, x + 0.3], [np.mean(v)] * 2, color=colours[arm], lw=2)  # mean over seeds
         ax.set_xticks(range(len(present)), present, rotation=60, ha="right", fontsize=8)
         ax.set_xlim(-0.6, len(present) - 0.4)
-        ax.set_title(f"{n} labelled cases", fontsize=9)
+        ax.set_title(f"{patients[n]} labelled patients ({n} cases)" if n in patients else f"{n} labelled cases", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("mean Dice (fold 0 validation)")
     fig.suptitle("one point per seed; dash = mean over seeds", fontsize=9)

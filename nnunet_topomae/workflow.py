@@ -93,3 +93,64 @@ def epoch_echo(prefix: str = "    ") -> Callable[[str], Optional[str]]:
         text = line.split(": ", 1)[-1] if line[:4].isdigit() else line
         return prefix + text if any(text.startswith(k) for k in keys) else None
     return f
+
+
+# --- a CPU plans variant for any dataset: coarser target spacing where nnU-Net's patch is large -------------------
+
+CPU_PATCH_VOXELS = 40 * 56 * 40  # Hippocampus's default 3d_fullres patch (89,600 voxels): the CPU budget
+CPU_PATCH_TOLERANCE = 1.5  # a default patch up to 1.5x the budget is kept as nnU-Net planned it
+
+
+def nnunet_patch_size(spacing, median_shape) -> List[int]:
+    """The 3d patch nnU-Net's ExperimentPlanner gives a target ``spacing`` and the median image shape at that
+    spacing, before its GPU-memory loop (which only ever shrinks it): the isotropic-in-mm start scaled to 256^3,
+    clipped to the median shape, padded to what the pooling stages need (``get_pool_and_conv_props``)."""
+    import numpy as np
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+    tmp = 1 / np.array(spacing, dtype=float)
+    initial = [round(i) for i in tmp * (256 ** 3 / np.prod(tmp)) ** (1 / 3)]
+    initial = np.array([min(i, max(1, int(round(j)))) for i, j in zip(initial, median_shape)])
+    patch = get_pool_and_conv_props(list(spacing), initial, 4, 999999)[3]
+    return [int(i) for i in patch]
+
+
+def cpu_target_spacing(spacing, median_shape, patch_size, budget: int = CPU_PATCH_VOXELS,
+                       tolerance: float = CPU_PATCH_TOLERANCE, step: float = 1.03,
+                       median_shape_at: Optional[Callable] = None, decimals: int = 4):
+    """Target spacing (plans' axis order) whose nnU-Net patch fits ``budget`` voxels.
+
+    Returns ``(spacing, patch, changed)``. A default patch (``patch_size`` at ``spacing``) of at most
+    ``tolerance * budget`` voxels is kept (``changed`` False). Otherwise the spacing is coarsened the way
+    nnU-Net's planner coarsens for its 3d_lowres configuration: by ``step`` at a time, first the fine axes
+    (those more than 2x finer than the coarsest; e.g. the in-plane axes of thick-slice MRI), all axes once they
+    are within 2x, until nnU-Net's patch at that spacing (``nnunet_patch_size``) has at most ``budget`` voxels.
+    ``median_shape_at(spacing)`` gives the median image shape at a spacing (default: ``median_shape`` scaled)."""
+    import numpy as np
+    s0 = np.array(spacing, dtype=float)
+    if np.prod(patch_size, dtype=np.float64) <= tolerance * budget:
+        return [float(i) for i in s0], [int(i) for i in patch_size], False
+    shape_at = median_shape_at or (lambda s: np.array(median_shape, dtype=float) * s0 / np.array(s))
+    s = s0.copy()
+    for _ in range(2000):
+        fine = s.max() / s > 2
+        s = np.where(fine, s * step, s) if fine.any() else s * step
+        s_r = np.round(s, decimals)
+        p = nnunet_patch_size(s_r, shape_at(s_r))
+        if np.prod(p, dtype=np.float64) <= budget:
+            return [float(i) for i in s_r], p, True
+    raise RuntimeError(f"no target spacing gives a patch of at most {budget} voxels (last {list(s)})")
+
+
+def median_shape_from_fingerprint(fingerprint: dict, transpose_forward: List[int]) -> Callable:
+    """``median_shape_at(spacing)`` as nnU-Net's planner computes it: the median over cases of each case's
+    cropped shape resampled to ``spacing`` (given in the plans' transposed axis order)."""
+    import numpy as np
+    shapes = np.array(fingerprint["shapes_after_crop"], dtype=float)
+    spacings = np.array(fingerprint["spacings"], dtype=float)
+    back = np.argsort(transpose_forward)
+
+    def at(spacing_transposed):
+        target = np.array(spacing_transposed, dtype=float)[back]
+        new = np.round(shapes * spacings / target[None])
+        return np.median(new, 0)[list(transpose_forward)]
+    return at

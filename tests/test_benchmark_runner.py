@@ -149,3 +149,129 @@ def test_paired_difference_pairs_cases_and_reports_interval(runner, tmp_path):
     text = (tmp_path / "results.md").read_text()
     against_topomae = text[text.index("Paired with topomae"):].splitlines()
     assert [r for r in against_topomae if r.startswith("| scratch_nnunet | 5 | 0 |")][0].split(" | ")[3] == "-2.00"
+
+
+# --- ACDC: labelled subsets by patient, the CPU plans' target spacing ------------------------------------------
+
+def _acdc_like_cases(n_patients=30):
+    # two frames per patient with ACDC's names; frame numbers differ between patients
+    return [f"patient{p:03d}_frame{f:02d}" for p in range(1, n_patients + 1) for f in (1, 7 + p % 9)]
+
+
+def test_acdc_subsets_are_drawn_by_patient_nested_and_deterministic(runner):
+    cases = _acdc_like_cases()
+    subsets, patients = runner.grouped_subsets(cases, runner.GROUP_REGEX)
+    assert [len(patients[k]) for k in ("5", "20", "all")] == [5, 20, 30]
+    assert [len(subsets[k]) for k in ("5", "20", "all")] == [10, 40, 60]  # both frames of every patient
+    for k in ("5", "20"):
+        assert {runner.group_of(c, runner.GROUP_REGEX) for c in subsets[k]} == set(patients[k])
+        assert all(f"{p}_frame01" in subsets[k] for p in patients[k])
+    assert set(subsets["5"]) < set(subsets["20"]) < set(subsets["all"]) == set(cases)  # nested
+    assert set(patients["5"]) < set(patients["20"])
+    again = runner.grouped_subsets(list(reversed(cases)), runner.GROUP_REGEX)  # seeded, order-independent
+    assert again == (subsets, patients)
+    assert runner.grouped_subsets(cases, runner.GROUP_REGEX, seed=1)[1]["5"] != patients["5"]
+    # a case the pattern does not match is its own patient
+    assert runner.group_of("hippocampus_023", runner.GROUP_REGEX) == "hippocampus_023"
+
+
+def test_grouped_splits_file_becomes_splits_final_with_patient_subset_folds(runner, tmp_path):
+    import json
+    cases = _acdc_like_cases(25)
+    pats = sorted({c.split("_")[0] for c in cases})
+    folds = [pats[i::5] for i in range(5)]
+    grouped = [{"train": sorted(c for c in cases if c.split("_")[0] not in f),
+                "val": sorted(c for c in cases if c.split("_")[0] in f)} for f in folds]
+    src = tmp_path / "splits_final_patientgrouped.json"
+    src.write_text(json.dumps(grouped))
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    (pre / "splits_final.json").write_text(json.dumps([{"train": cases[:40], "val": cases[40:]}] * 5))  # nnU-Net's
+    info = runner.write_splits(str(pre), 3, source=str(src))
+    splits = json.loads((pre / "splits_final.json").read_text())
+    assert splits[:5] == grouped  # the grouped folds replace nnU-Net's split
+    assert len(splits) == 5 + 3 * 3
+    for (label, seed), fold in info["fold_of"].items():
+        assert splits[fold]["val"] == grouped[0]["val"]
+        assert splits[fold]["train"] == info["subsets"][label]
+    assert [len(info["patients"][k]) for k in ("5", "20", "all")] == [5, 20, 20]
+    assert info["n_train_patients"] == 20 and info["n_train"] == 40
+    # the same fold numbers as Hippocampus's layout (5 + 3 per seed), and the same subsets on every call
+    assert info["fold_of"][("5", 0)] == 5 and info["fold_of"][("all", 2)] == 13
+    assert runner.write_splits(str(pre), 3, source=str(src))["subsets"] == info["subsets"]
+
+
+def test_hippocampus_splits_and_subsets_are_unchanged(runner, tmp_path):
+    import json
+    import numpy as np
+    cases = [f"hippocampus_{i:03d}" for i in range(50)]
+    (tmp_path / "splits_final.json").write_text(json.dumps([{"train": cases[:40], "val": cases[40:]}] * 5))
+    info = runner.write_splits(str(tmp_path), 2)
+    order = list(np.random.default_rng(0).permutation(sorted(cases[:40])))
+    assert info["subsets"]["5"] == sorted(order[:5]) and info["subsets"]["20"] == sorted(order[:20])
+    assert "patients" not in info and info["fold_of"][("5", 0)] == 5
+
+
+def _fake_plans(spacing, median, patch):
+    return {"configurations": {"3d_fullres": {"spacing": spacing, "median_image_size_in_voxels": median,
+                                              "patch_size": patch}}}
+
+
+def test_cpu_plans_coarsen_a_large_patch_to_the_budget_fine_axes_first():
+    import numpy as np
+    from nnunet_topomae.workflow import CPU_PATCH_VOXELS, cpu_target_spacing, nnunet_patch_size
+    # thick-slice cardiac MRI as nnU-Net plans it: 10 x 1.56 x 1.56 mm, patch 10x256x224 (6.4x the budget)
+    cfg = _fake_plans([10.0, 1.5625, 1.5625], [9.0, 256.0, 216.0], [10, 256, 224])["configurations"]["3d_fullres"]
+    spacing, patch, changed = cpu_target_spacing(cfg["spacing"], cfg["median_image_size_in_voxels"], cfg["patch_size"])
+    assert changed
+    assert 0.6 * CPU_PATCH_VOXELS <= np.prod(patch) <= CPU_PATCH_VOXELS
+    assert spacing[0] == 10.0 and spacing[1] == spacing[2] > 1.5625  # the fine (in-plane) axes only
+    median_there = np.array(cfg["median_image_size_in_voxels"]) * np.array(cfg["spacing"]) / np.array(spacing)
+    assert patch == nnunet_patch_size(spacing, median_there) == [10, 96, 80]  # what nnU-Net's planner gave ACDC
+    # an isotropic CT-like dataset: every axis coarsened alike
+    spacing, patch, changed = cpu_target_spacing([1.0, 1.0, 1.0], [200.0, 300.0, 300.0], [128, 128, 128])
+    assert changed and spacing[0] == spacing[1] == spacing[2] > 1.0
+    assert 0.5 * CPU_PATCH_VOXELS <= np.prod(patch) <= CPU_PATCH_VOXELS
+
+
+def test_cpu_plans_leave_a_hippocampus_sized_patch_alone():
+    from nnunet_topomae.workflow import cpu_target_spacing
+    spacing, patch, changed = cpu_target_spacing([1.0, 1.0, 1.0], [36.0, 50.0, 35.0], [40, 56, 40])
+    assert (spacing, patch, changed) == ([1.0, 1.0, 1.0], [40, 56, 40], False)
+
+
+def test_acdc_protocol_runs_calibration_first_and_the_issues_seeds(runner):
+    tier = runner.BENCHMARKS["acdc"]["tiers"]["cpu"]
+    assert runner.BENCHMARKS["acdc"]["dataset_id"] != runner.BENCHMARKS["hippocampus"]["dataset_id"] == 950
+    assert runner.BENCHMARKS["hippocampus"]["tiers"] is runner.TIERS
+    runs = {(a, str(n)): s for a, n, s in runner.tier_runs(tier)}
+    assert {a for a, _ in runs} == {"scratch_nnunet", "scratch_hybrid", "mae", "topomae", "topomae_notopo", "hybridmim"}
+    assert all(runs[(a, "5")] == 3 for a in ("scratch_nnunet", "scratch_hybrid", "topomae"))
+    assert all(runs[(a, "5")] == 1 for a in ("mae", "topomae_notopo", "hybridmim"))
+    assert all(runs[(a, n)] == 1 for a in ("scratch_nnunet", "scratch_hybrid", "topomae") for n in ("20", "all"))
+    order = runner.run_order(runner.tier_runs(tier))
+    assert order[0] == ("scratch_nnunet", "all", 0)
+    assert [a for a, n, s in order[1:7]] == ["scratch_nnunet", "topomae", "scratch_hybrid", "topomae_notopo", "mae",
+                                             "hybridmim"]
+    assert all(n == 5 for _, n, _ in order[1:7])
+
+
+def test_topo_metrics_become_record_fields(runner):
+    m = lambda h, n, b0, b1, b2: {"Dice": 0.9, "HD95": h, "NSD": n, "betti_b0_error": b0, "betti_b1_error": b1,
+                                  "betti_b2_error": b2}
+    summary = {"mean": {"1": m(4.0, 0.9, 0.5, 0.0, 0.0), "2": m(6.0, 0.8, 0.25, 1.0, 0.0)},
+               "foreground_mean": m(5.0, 0.85, 0.375, 0.5, 0.0)}
+    r = runner.topo_metric_fields(summary)
+    assert r["mean_hd95"] == 5.0 and r["mean_nsd"] == 0.85 and r["mean_betti_error"] == 0.875
+    assert r["betti_error"] == {"1": 0.5, "2": 1.25} and r["hd95"]["2"] == 6.0
+    assert r["betti_errors"]["2"] == {"b0": 0.25, "b1": 1.0, "b2": 0.0}
+
+
+def test_report_names_patients_and_adds_topo_columns_when_present(runner, tmp_path):
+    results = [dict(arm="topomae", labelled_cases=10, labelled_patients=5, mean_dice=0.8, seed=0,
+                    mean_hd95=3.0, mean_nsd=0.9, mean_betti_error=0.5),
+               dict(arm="topomae", labelled_cases=10, labelled_patients=5, mean_dice=0.82, seed=1)]
+    runner.write_report(results, str(tmp_path), quiet=True)
+    text = (tmp_path / "results.md").read_text()
+    assert "| arm | labelled patients (cases) |" in text and "mean HD95 mm | mean NSD | mean Betti error |" in text
+    assert "| topomae | 5 (10) | 2 | 0.8100 | 0.0200 | 0.8000, 0.8200 | 3.00 (1 runs) | 0.900 (1 runs) | 0.500 (1 runs) |" in text
