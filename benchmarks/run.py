@@ -55,6 +55,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from nnunet_topomae.errors import UserInputError
 from nnunet_topomae.workflow import (CPU_PATCH_TOLERANCE, CPU_PATCH_VOXELS, cpu_target_spacing, epoch_echo,
                                      make_plans_variant, median_shape_from_fingerprint, nnunet_command,
                                      nnunet_env, run)
@@ -512,6 +513,8 @@ def main() -> int:
                          f"default with grouped splits: {GROUP_REGEX!r})")
     ap.add_argument("--cpu-patch-voxels", type=int, default=CPU_PATCH_VOXELS,
                     help="voxel budget of the CPU plans' patch (module docstring)")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="a run that fails is reported and skipped (the others still run); exit status 1 at the end")
     ap.add_argument("--prepare-only", action="store_true",
                     help="plan, preprocess and write the splits, print the CPU plans, then stop")
     args = ap.parse_args()
@@ -561,6 +564,7 @@ def main() -> int:
     train = lambda tr, fold: [nnunet_command("nnUNetv2_train"), str(dataset_id), "3d_fullres", str(fold), "-p", plans,
                               "-tr", tr, "-device", args.device]
     t_all = time.time()
+    failed: List[tuple] = []
     for arm, labelled, seed in run_order(runs):
         if args.only and arm not in args.only:
             continue
@@ -572,29 +576,36 @@ def main() -> int:
         key = (arm, str(labelled), seed)
         if key in done:
             continue
-        extra, t_pre = [], 0.0
-        if pre is not None:
-            ckpt = os.path.join(res_root, f"{names[('pre', arm)]}__{plans}__3d_fullres", "fold_0", "checkpoint_final.pth")
-            if not os.path.isfile(ckpt):
-                print(f"[{time.time() - t_all:6.0f} s] pretraining {names[('pre', arm)]} on fold 0's training images", flush=True)
-                t_pre = time.time()
-                run(train(names[('pre', arm)], 0) + _continue(os.path.dirname(ckpt)), env, log, echo=epoch_echo())
-                t_pre = time.time() - t_pre
-            extra = ["-pretrained_weights", ckpt]
-        fold = split_info["fold_of"][(str(labelled), seed)]
-        what = f"{labelled} labelled {'patients' if 'patients' in split_info else 'cases'}"
-        print(f"[{time.time() - t_all:6.0f} s] {arm}: {names[('fine', arm)]}, {what}, seed {seed} (fold {fold})",
-              flush=True)
-        t0 = time.time()
-        folder = os.path.join(res_root, f"{names[('fine', arm)]}__{plans}__3d_fullres", f"fold_{fold}")
-        summary = os.path.join(folder, "validation", "summary.json")
-        if not os.path.isfile(summary):
-            if os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
-                run(train(names[('fine', arm)], fold) + ["--val"], env, log)
-            else:  # a run stopped half-way continues from its checkpoint_latest.pth (nnU-Net's --c)
-                resume = _continue(folder)
-                run(train(names[('fine', arm)], fold) + (resume or extra), env, log, echo=epoch_echo())
-        t_train = time.time() - t0
+        try:
+            extra, t_pre = [], 0.0
+            if pre is not None:
+                ckpt = os.path.join(res_root, f"{names[('pre', arm)]}__{plans}__3d_fullres", "fold_0", "checkpoint_final.pth")
+                if not os.path.isfile(ckpt):
+                    print(f"[{time.time() - t_all:6.0f} s] pretraining {names[('pre', arm)]} on fold 0's training images", flush=True)
+                    t_pre = time.time()
+                    run(train(names[('pre', arm)], 0) + _continue(os.path.dirname(ckpt)), env, log, echo=epoch_echo())
+                    t_pre = time.time() - t_pre
+                extra = ["-pretrained_weights", ckpt]
+            fold = split_info["fold_of"][(str(labelled), seed)]
+            what = f"{labelled} labelled {'patients' if 'patients' in split_info else 'cases'}"
+            print(f"[{time.time() - t_all:6.0f} s] {arm}: {names[('fine', arm)]}, {what}, seed {seed} (fold {fold})",
+                  flush=True)
+            t0 = time.time()
+            folder = os.path.join(res_root, f"{names[('fine', arm)]}__{plans}__3d_fullres", f"fold_{fold}")
+            summary = os.path.join(folder, "validation", "summary.json")
+            if not os.path.isfile(summary):
+                if os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
+                    run(train(names[('fine', arm)], fold) + ["--val"], env, log)
+                else:  # a run stopped half-way continues from its checkpoint_latest.pth (nnU-Net's --c)
+                    resume = _continue(folder)
+                    run(train(names[('fine', arm)], fold) + (resume or extra), env, log, echo=epoch_echo())
+            t_train = time.time() - t0
+        except UserInputError as e:
+            if not args.keep_going:
+                raise
+            print(f"    FAILED ({arm}, {labelled}, seed {seed}), going on with the next run: {e}", flush=True)
+            failed.append(key)
+            continue
         with open(summary) as f:
             m = json.load(f)
         dice = {k: v["Dice"] for k, v in m["mean"].items()}
@@ -617,7 +628,9 @@ def main() -> int:
             f", HD95 {topo['mean_hd95']:.2f}, Betti error {topo['mean_betti_error']:.3f}" if topo else ""), flush=True)
         write_report(current(), out, quiet=True)  # partial tables while a long benchmark runs
     write_report(current(), out)
-    return 0
+    if failed:
+        print(f"failed runs (rerun to retry): {failed}", flush=True)
+    return 1 if failed else 0
 
 
 def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
