@@ -107,8 +107,25 @@ def dataset_problems(dataset: str, configuration: str = "3d_fullres", plans: str
     return []
 
 
+def unlabelled_report() -> List[str]:
+    """One line per dataset with unlabelled cases of ``add-unlabelled``, per configuration folder."""
+    pre = os.environ.get("nnUNet_preprocessed")
+    if not pre or not os.path.isdir(pre):
+        return []
+    from nnunet_topomae.data.unlabelled import unlabelled_counts
+    lines = []
+    for name in sorted(os.listdir(pre)):
+        counts = unlabelled_counts(os.path.join(pre, name))
+        if counts:
+            lines.append(f"{name}: unlabelled cases for pretraining: " +
+                         ", ".join(f"{n} in {ident}" for ident, n in counts.items()))
+    return lines
+
+
 def cmd_doctor(args) -> int:
     problems = doctor_problems()
+    for line in unlabelled_report():
+        print(line)
     if getattr(args, "dataset", None):
         problems += dataset_problems(args.dataset, args.configuration, args.plans)
     for path in getattr(args, "checkpoint", None) or []:
@@ -151,9 +168,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _optional_commands():
-    from nnunet_topomae import bench, demo, inspect_checkpoint
+    from nnunet_topomae import add_unlabelled, bench, demo, inspect_checkpoint
     from nnunet_topomae.evaluation import evaluate
-    return [demo.add_parser, bench.add_parser, inspect_checkpoint.add_parser, evaluate.add_parser]
+    return [demo.add_parser, bench.add_parser, inspect_checkpoint.add_parser, evaluate.add_parser, add_unlabelled.add_parser]
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ trainer with ``resolve_start`` (``PretrainedStartMixin``) decides what ``--c`` a
 """
 from __future__ import annotations
 
+import json
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -51,26 +52,56 @@ def read_pretraining_checkpoint(fname: str) -> dict:
     return ckpt
 
 
+# what the plans decide and the transfer depends on; spacing, normalisation and the CNN are recorded by
+# checkpoints written since issue 25 (older ones are checked on the rest)
+PLAN_KEYS = ("configuration", "num_input_channels", "patch_size", "spacing", "normalization_schemes", "architecture")
+
+
+def plan_fingerprint(configuration_manager) -> dict:
+    """What of a configuration the transfer depends on beyond the patch: voxel spacing, normalisation,
+    and the CNN (class and constructor arguments), as plain data."""
+    arch = configuration_manager.configuration.get("architecture", {})
+    return {"spacing": [float(x) for x in configuration_manager.spacing],
+            "normalization_schemes": list(configuration_manager.normalization_schemes),
+            "architecture": json.loads(json.dumps({"network_class_name": arch.get("network_class_name"),
+                                                   "arch_kwargs": arch.get("arch_kwargs")}))}
+
+
 def check_compatibility(record: dict, expected: dict, fname: str) -> None:
     """``expected`` holds what the finetuning run uses: dataset_name, plans_name, configuration,
-    patch_size, num_input_channels, vit_config (dict)."""
+    patch_size, num_input_channels, vit_config (dict), and where known spacing, normalization_schemes,
+    architecture.
+
+    Pretraining on another dataset is fine (pretrain once on an archive, finetune many) as long as the
+    plans agree: nnU-Net's ``nnUNetv2_move_plans_between_datasets`` gives the target the source's plans.
+    The dataset and plans names are therefore not compared, the plans' contents are."""
     if "vit_config" not in record:
         raise UserInputError(f"{fname} was written by {record.get('trainer')}, which has no ViT; the hybrid "
                              f"finetuning needs a TopoMAE or MAE pretraining checkpoint "
                              f"(HybridMIM weights go to the stock nnUNetTrainer)")
+    norm = lambda v: [list(x) if isinstance(x, (list, tuple)) else x for x in v] if isinstance(v, (list, tuple)) else v
     mismatches = []
-    for key in ("dataset_name", "plans_name", "configuration", "num_input_channels"):
-        if record.get(key) != expected[key]:
-            mismatches.append(f"{key} {record.get(key)!r} (checkpoint) vs {expected[key]!r} (this run)")
-    if list(record.get("patch_size", [])) != list(expected["patch_size"]):
-        mismatches.append(f"patch_size {record.get('patch_size')} vs {list(expected['patch_size'])}")
+    for key in PLAN_KEYS:
+        if key in record and key in expected and norm(record[key]) != norm(expected[key]):
+            mismatches.append(f"{key} {record[key]} (checkpoint) vs {expected[key]} (this run)")
     if not mismatches and record["vit_config"] != expected["vit_config"]:
         diff = {k: (record["vit_config"].get(k), v) for k, v in expected["vit_config"].items()
                 if record["vit_config"].get(k) != v}
         mismatches.append(f"ViT configuration {diff} (checkpoint, this run): use the finetuning variant "
                           f"with the same ViT preset as the pretraining")
-    if mismatches:
-        raise UserInputError(f"{fname} does not fit this run: " + "; ".join(mismatches))
+    if not mismatches:
+        return
+    src, dst = record.get("dataset_name"), expected.get("dataset_name")
+    hint = ""
+    if src is not None and dst is not None and src != dst:
+        p = record.get("plans_name", "nnUNetPlans")
+        hint = (f". It was pretrained on {src}: give {dst} the same plans with nnUNetv2_move_plans_between_datasets "
+                f"-s {src} -t {dst} -sp {p} -tp {p}_from_{src.split('_')[0]}, preprocess with them (nnUNetv2_preprocess "
+                f"-d {dst} -plans_name {p}_from_{src.split('_')[0]} -c {record.get('configuration')}) and finetune with "
+                f"-p {p}_from_{src.split('_')[0]}")
+    elif record.get("plans_name") not in (None, expected.get("plans_name")):
+        hint = f"; pretrain with -p {expected.get('plans_name')}, or finetune with -p {record.get('plans_name')}"
+    raise UserInputError(f"{fname} does not fit this run: " + "; ".join(mismatches) + hint)
 
 
 def select_transfer(model_state: Dict[str, torch.Tensor], pretrained: Dict[str, torch.Tensor],

@@ -187,21 +187,25 @@ def test_resume_rules_of_a_finetuning_run_started_from_pretrained_weights(tmp_pa
     assert fresh.resolve_start(True, False, None) == (False, None)
 
 
-def test_a_worker_that_asked_dies_with_its_parent_after_kill_9(tmp_path):
-    # parent forks a worker that calls die_with_parent, then waits; kill -9 the parent: the worker must
-    # be gone within seconds (without it, it would sleep on for the full 60 s)
+@pytest.mark.parametrize("how", ["worker_asks", "at_fork_hook", "none"])
+def test_a_forked_worker_dies_with_its_parent_after_kill_9(tmp_path, how):
+    # the parent forks a worker, then waits; kill -9 the parent: the worker must be gone within seconds
+    # (without either mechanism, "none", it sleeps on: the control that the test can fail)
     script = textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
-        from nnunet_topomae.utils.process import die_with_parent
+        from nnunet_topomae.utils.process import children_die_with_this_process, die_with_parent
         parent = os.getpid()
+        if {how!r} == "at_fork_hook":
+            children_die_with_this_process()
         pid = os.fork()
         if pid == 0:
-            die_with_parent(parent)
-            time.sleep(60)
+            if {how!r} == "worker_asks":
+                die_with_parent(parent)
+            time.sleep(20)
             os._exit(0)
         print(pid, flush=True)
-        time.sleep(60)
+        time.sleep(20)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     worker = int(proc.stdout.readline())
@@ -219,4 +223,4 @@ def test_a_worker_that_asked_dies_with_its_parent_after_kill_9(tmp_path):
     alive = os.path.exists(f"/proc/{worker}") and open(f"/proc/{worker}/stat").read().split()[2] != "Z"
     if alive:
         os.kill(worker, signal.SIGKILL)
-    assert not alive, "the worker outlived its killed parent"
+    assert alive == (how == "none"), "the worker outlived its killed parent" if alive else "control died too"

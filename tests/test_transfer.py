@@ -58,12 +58,20 @@ def expected(net):
 def test_compatibility_checks(nets):
     record = {"trainer": "nnUNetTrainerTopoMAEPretrain", **expected(nets["topomae"])}
     transfer.check_compatibility(record, expected(nets["finetune"]), "f.pth")  # fits
-    for key, value, needle in [("dataset_name", "Dataset001_Other", "dataset_name"),
-                               ("configuration", "3d_lowres", "configuration"),
+    # another dataset or plans name with the same plans' contents fits (pretrain once, finetune many)
+    transfer.check_compatibility({**record, "dataset_name": "Dataset001_Other", "plans_name": "P2"},
+                                 expected(nets["finetune"]), "f.pth")
+    for key, value, needle in [("configuration", "3d_lowres", "configuration"),
                                ("patch_size", [64, 64, 64], "patch_size"),
-                               ("plans_name", "nnUNetResEncUNetMPlans", "plans_name")]:
+                               ("spacing", [2.0, 1.0, 1.0], "spacing"),
+                               ("normalization_schemes", ["CTNormalization"], "normalization_schemes")]:
         with pytest.raises(UserInputError, match=needle):
-            transfer.check_compatibility({**record, key: value}, expected(nets["finetune"]), "f.pth")
+            transfer.check_compatibility({**record, key: value}, {**expected(nets["finetune"]), "spacing": [1.0, 1.0, 1.0],
+                                         "normalization_schemes": ["ZScoreNormalization"]}, "f.pth")
+    # from another dataset whose plans differ: names nnU-Net's command that copies the plans
+    with pytest.raises(UserInputError, match="nnUNetv2_move_plans_between_datasets -s Dataset001_Other -t Dataset999_T"):
+        transfer.check_compatibility({**record, "dataset_name": "Dataset001_Other", "patch_size": [64, 64, 64]},
+                                     expected(nets["finetune"]), "f.pth")
     vit = dict(record["vit_config"], embed_dim=768)
     with pytest.raises(UserInputError, match="ViT preset"):
         transfer.check_compatibility({**record, "vit_config": vit}, expected(nets["finetune"]), "f.pth")

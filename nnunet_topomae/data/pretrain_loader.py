@@ -12,7 +12,6 @@ processes, off the training step's critical path).
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -27,7 +26,6 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunet_topomae.losses.spatial import octant_targets
-from nnunet_topomae.utils.process import die_with_parent
 
 
 def intensity_transforms() -> ComposeTransforms:
@@ -69,12 +67,8 @@ class PretrainDataLoader(nnUNetDataLoader):
         # the random-crop branch of get_bbox must be taken even with an ignore label: labels are unused
         self.has_ignore = False
         self.persistence_fn = persistence_fn
-        self._owner = os.getpid()
 
     def generate_train_batch(self) -> dict:
-        if os.getpid() != self._owner:
-            # a data-loading worker (nnU-Net forks them from the training process): end with it
-            die_with_parent(self._owner)
         keys = self.get_indices()
         images, spatial, pairs = [], [], []
         with torch.no_grad():

@@ -4,6 +4,7 @@
   tensors and only plain contents; ``--c`` loads them with ``weights_only=True`` (nnU-Net 2.8.1's own
   ``load_checkpoint`` unpickles anything).
 - Partial ``.tmp_*.pth`` files of a killed save are removed when the same fold starts again.
+- nnU-Net's data-loading workers (forked at the start of training) die with the training process.
 - ``PretrainedStartMixin`` (finetuning trainers): a run started from ``-pretrained_weights`` never
   silently becomes a from-scratch run on ``--c`` (see its docstring).
 """
@@ -18,11 +19,14 @@ from batchgenerators.utilities.file_and_folder_operations import isfile, join
 from torch._dynamo import OptimizedModule
 
 from nnunet_topomae.errors import UserInputError
+from nnunet_topomae.utils.process import children_die_with_this_process
+from nnunet_topomae.utils.ddp import DDPDeviceMixin
 from nnunet_topomae.utils.checkpoint import atomic_torch_save, remove_stale_temporaries, safe_load, state_dict_to_cpu, to_plain
 
 
-class TopoMAETrainerMixin:
-    """Mix in before nnUNetTrainer: atomic, device-independent, safely loaded checkpoints with extra fields."""
+class TopoMAETrainerMixin(DDPDeviceMixin):
+    """Mix in before nnUNetTrainer: atomic, device-independent, safely loaded checkpoints with extra fields;
+    DDP on the CPU and across nodes (``DDPDeviceMixin``, for ``python -m nnunet_topomae.distributed``)."""
 
     def _unwrapped_network(self):
         mod = self.network.module if self.is_ddp else self.network
@@ -44,6 +48,9 @@ class TopoMAETrainerMixin:
 
     def on_train_start(self):
         self.check_preprocessed()
+        # nnU-Net's data-loading workers are forked in super().on_train_start(): they end with this process
+        # (kill -9, OOM killer) instead of living on for minutes
+        children_die_with_this_process()
         if self.local_rank == 0 and self.output_folder is not None:
             # no save of this fold is under way now: what a killed save left is garbage
             removed = remove_stale_temporaries(self.output_folder)

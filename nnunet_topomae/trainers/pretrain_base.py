@@ -18,7 +18,6 @@ A subclass provides the network (``build_network_architecture``), the loss (``_b
 """
 from __future__ import annotations
 
-import os
 from time import time
 from typing import Dict, List
 
@@ -34,8 +33,11 @@ from torch import autocast
 from torch import distributed as dist
 
 from nnunet_topomae.data.pretrain_loader import PretrainDataLoader, cases_smaller_than_patch, intensity_transforms
+from nnunet_topomae.data.unlabelled import CombinedDataset, complete_cases, unlabelled_folder
 from nnunet_topomae.errors import UserInputError
+from nnunet_topomae.transfer import plan_fingerprint
 from nnunet_topomae.trainers.common import TopoMAETrainerMixin
+from nnunet_topomae.utils.ddp import worker_seeds
 from nnunet_topomae.utils.lr_schedule import WarmupCosineLR
 from nnunet_topomae.utils.plotting import plot_loss_terms, save_volume_preview
 
@@ -54,6 +56,8 @@ class nnUNetPretrainTrainerBase(TopoMAETrainerMixin, nnUNetTrainer):
     pretrain_epochs: int = 1000
     pretrain_iterations_per_epoch: int = 250
     pretrain_val_iterations_per_epoch: int = 50
+    # train on the unlabelled cases of `nnunet-topomae add-unlabelled` too (nnunet_topomae.data.unlabelled)
+    use_unlabelled: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -94,6 +98,21 @@ class nnUNetPretrainTrainerBase(TopoMAETrainerMixin, nnUNetTrainer):
         return optimizer, scheduler
 
     # ------------------------------------------------------------------ data
+    def get_tr_and_val_datasets(self):
+        """The fold's training cases plus every unlabelled case of ``nnunet-topomae add-unlabelled``
+        (``use_unlabelled``), and the fold's validation cases only."""
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        n_fold = len(dataset_tr.identifiers)
+        folder = unlabelled_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
+        extra = complete_cases(folder) if self.use_unlabelled else []
+        if extra:
+            dataset_tr = CombinedDataset([dataset_tr, self.dataset_class(folder, extra)])
+        note = ("" if self.use_unlabelled or not complete_cases(folder)
+                else f" ({len(complete_cases(folder))} unlabelled cases left out: use_unlabelled = False)")
+        self.print_to_log_file(f"Pretraining on {n_fold} training cases of fold {self.fold} + {len(extra)} unlabelled "
+                               f"cases; validating on {len(dataset_val.identifiers)} validation cases{note}")
+        return dataset_tr, dataset_val
+
     def persistence_fn(self):
         """Per-sample function run in the data-loading workers (None: nothing precomputed)."""
         return None
@@ -124,9 +143,12 @@ class nnUNetPretrainTrainerBase(TopoMAETrainerMixin, nnUNetTrainer):
             gen_tr, gen_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
         else:
             pin = self.device.type == "cuda"
-            gen_tr = NonDetMultiThreadedAugmenter(dl_tr, None, n_proc, max(6, n_proc // 2), None, pin, 0.002)
-            gen_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, n_proc // 2), max(3, n_proc // 4),
-                                                   None, pin, 0.002)
+            # under DDP every rank's workers get their own seeds (numpy and torch), else nnU-Net's default
+            n_val = max(1, n_proc // 2)
+            gen_tr = NonDetMultiThreadedAugmenter(dl_tr, None, n_proc, max(6, n_proc // 2), worker_seeds(n_proc),
+                                                  pin, 0.002)
+            gen_val = NonDetMultiThreadedAugmenter(dl_val, None, n_val, max(3, n_proc // 4),
+                                                   worker_seeds(n_val), pin, 0.002)
         _ = next(gen_tr)
         _ = next(gen_val)
         return gen_tr, gen_val
@@ -165,12 +187,21 @@ class nnUNetPretrainTrainerBase(TopoMAETrainerMixin, nnUNetTrainer):
     def _mean_terms(self, outputs: List[dict]) -> Dict[str, float]:
         # a term may be computed only every N steps: average it over the steps that have it
         names = sorted({k for o in outputs for k in o})
-        means = {k: float(np.mean([o[k] for o in outputs if k in o])) for k in names}
-        if self.is_ddp:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, means)
-            means = {k: float(np.mean([g[k] for g in gathered])) for k in names}
-        return means
+        if not self.is_ddp:
+            return {k: float(np.mean([o[k] for o in outputs if k in o])) for k in names}
+        # DDP: the mean over every rank's samples (nnU-Net splits a global batch of 9 as 5 + 4), the same
+        # value on every rank, so that every rank takes the same checkpoint_best decision
+        sums = {k: (float(np.sum([o[k] for o in outputs if k in o])) * self.batch_size,
+                    self.batch_size * sum(k in o for o in outputs)) for k in names}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sums)
+        total: Dict[str, List[float]] = {}
+        for g in gathered:
+            for k, (s, n) in g.items():
+                acc = total.setdefault(k, [0.0, 0])
+                acc[0] += s
+                acc[1] += n
+        return {k: s / n for k, (s, n) in sorted(total.items()) if n}
 
     def _record(self, split: str, means: Dict[str, float]) -> None:
         for k, v in means.items():
@@ -251,6 +282,7 @@ class nnUNetPretrainTrainerBase(TopoMAETrainerMixin, nnUNetTrainer):
             "patch_size": [int(i) for i in self.configuration_manager.patch_size],
             "num_input_channels": int(self.num_input_channels),
             "network_arch_class_name": self.configuration_manager.network_arch_class_name,
+            **plan_fingerprint(self.configuration_manager),
         }
 
     def extra_checkpoint_fields(self) -> dict:

@@ -20,7 +20,7 @@ from nnunet_topomae.architectures.hybrid_net import HybridViTUNet
 from nnunet_topomae.errors import UserInputError
 from nnunet_topomae.trainers.common import PretrainedStartMixin, TopoMAETrainerMixin
 from nnunet_topomae.trainers.topomae_pretrain import build_plan_cnn, vit_config_from_plan
-from nnunet_topomae.transfer import (check_compatibility, install_pretrained_weights_hook,
+from nnunet_topomae.transfer import (check_compatibility, install_pretrained_weights_hook, plan_fingerprint,
                                      read_pretraining_checkpoint, select_transfer)
 from nnunet_topomae.utils.lr_schedule import WarmupCosineLR
 
@@ -91,7 +91,8 @@ class nnUNetTrainerTopoMAEFinetune(PretrainedStartMixin, TopoMAETrainerMixin, nn
         return {"dataset_name": self.plans_manager.dataset_name, "plans_name": self.plans_manager.plans_name,
                 "configuration": self.configuration_name,
                 "patch_size": [int(i) for i in self.configuration_manager.patch_size],
-                "num_input_channels": int(self.num_input_channels), "vit_config": net.vit_cfg.to_dict()}
+                "num_input_channels": int(self.num_input_channels), "vit_config": net.vit_cfg.to_dict(),
+                **plan_fingerprint(self.configuration_manager)}
 
     def load_pretraining_checkpoint(self, fname: str) -> None:
         ckpt = read_pretraining_checkpoint(fname)
@@ -104,7 +105,9 @@ class nnUNetTrainerTopoMAEFinetune(PretrainedStartMixin, TopoMAETrainerMixin, nn
         net.load_state_dict(state)
         self.pretrained_from = {"file": fname, "trainer": record.get("trainer"),
                                 "loaded": {k: len(v) for k, v in per_part.items()}, "fresh": len(fresh)}
-        self.print_to_log_file(f"Pretrained weights from {fname} (written by {record.get('trainer')}):")
+        other = record.get("dataset_name") not in (None, self.plans_manager.dataset_name)
+        self.print_to_log_file(f"Pretrained weights from {fname} (written by {record.get('trainer')}"
+                               + (f" on {record.get('dataset_name')}, plans {record.get('plans_name')}" if other else "") + "):")
         for part, keys in per_part.items():
             why = "NOT in checkpoint, starts fresh" if part in self.transfer_parts else "not transferred (transfer_parts), starts fresh"
             self.print_to_log_file(f"  {part}: {'loaded ' + str(len(keys)) + ' tensors' if keys else why}")

@@ -35,3 +35,31 @@ def die_with_parent(expected_parent: int | None = None) -> bool:
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(1)
     return ok
+
+
+_fork_hooks_registered = False
+_forking_from_main_thread = False
+
+
+def _before_fork() -> None:
+    global _forking_from_main_thread
+    import threading
+    _forking_from_main_thread = threading.current_thread() is threading.main_thread()
+
+
+def children_die_with_this_process() -> None:
+    """From now on, every process forked from this one's main thread (nnU-Net's data-loading workers
+    are) calls ``die_with_parent`` first. Forks from other threads are left alone: the kernel sends the
+    signal when the forking *thread* ends, which would kill such a child early. Spawned processes
+    (the persistence pool) do not fork Python and watch their parent themselves."""
+    global _fork_hooks_registered
+    if _fork_hooks_registered or not hasattr(os, "register_at_fork"):
+        return
+    owner = os.getpid()
+
+    def after_in_child():
+        if _forking_from_main_thread and os.getppid() == owner:
+            die_with_parent(owner)
+
+    os.register_at_fork(before=_before_fork, after_in_child=after_in_child)
+    _fork_hooks_registered = True

@@ -6,6 +6,7 @@ not preprocessed, and ``inspect`` on real checkpoints."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -99,14 +100,17 @@ def test_c_with_nothing_to_continue_names_the_command(nnunet_dataset):
     assert "--c found no checkpoint" in last and "-pretrained_weights" in last and "nnUNetv2_train" in last
 
 
-def test_kill_9_during_pretraining_leaves_no_process_and_c_finishes(nnunet_dataset):
-    """A real SIGKILL from outside while epoch 1 runs, with 2 data-loading workers and the persistence
-    pool alive: every process of the run must be gone within 10 s; then --c finishes the schedule."""
-    results = nnunet_dataset.fresh_results("killed_pretrain")
+@pytest.mark.parametrize("trainer", [PRETRAIN, FINETUNE])
+def test_kill_9_during_training_leaves_no_process_and_c_finishes(nnunet_dataset, topomae_pretrain_run, trainer):
+    """A real SIGKILL from outside while epoch 1 runs, with 2 data-loading workers (and, pretraining, the
+    persistence pool) alive: every process of the run must be gone within 10 s; then --c finishes."""
+    results = nnunet_dataset.fresh_results("killed_" + trainer)
     marker = uuid.uuid4().hex
     env = dict(nnunet_dataset.env(nnUNet_results=results, nnUNet_n_proc_DA="2"), **{RUN_MARKER_ENV: marker})
-    cmd = [console_script("nnUNetv2_train"), str(nnunet_dataset.dataset_id), "3d_fullres", "0", "-tr", PRETRAIN,
+    cmd = [console_script("nnUNetv2_train"), str(nnunet_dataset.dataset_id), "3d_fullres", "0", "-tr", trainer,
            "-device", "cpu"]
+    if trainer == FINETUNE:
+        cmd += ["-pretrained_weights", topomae_pretrain_run.checkpoint_final]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     try:
@@ -126,22 +130,35 @@ def test_kill_9_during_pretraining_leaves_no_process_and_c_finishes(nnunet_datas
         for pid, _ in processes_with_marker(marker):
             os.kill(pid, signal.SIGKILL)
     assert not left, f"{len(left)} of {len(children)} processes outlived the killed training: {left}"
-    folder = output_folder(results, nnunet_dataset.dataset_name, PRETRAIN)
+    folder = output_folder(results, nnunet_dataset.dataset_name, trainer)
     assert os.path.isfile(os.path.join(folder, "checkpoint_latest.pth")), "".join(seen[-20:])
-    train(nnunet_dataset, PRETRAIN, extra_args=["--c"], env=nnunet_dataset.env(nnUNet_results=results))
+    train(nnunet_dataset, trainer, extra_args=["--c"], env=nnunet_dataset.env(nnUNet_results=results))
     final = safe_load(os.path.join(folder, "checkpoint_final.pth"))
     assert final["current_epoch"] == final["num_epochs"] == 2
     assert not glob.glob(os.path.join(folder, ".tmp_*"))
 
 
 def test_a_configuration_not_preprocessed_gets_one_line(nnunet_dataset):
-    # the plans hold a 2d configuration that was never preprocessed
-    env = nnunet_dataset.env(nnUNet_results=nnunet_dataset.fresh_results("not_pre"))
-    res = run([console_script("nnUNetv2_train"), str(nnunet_dataset.dataset_id), "2d", "0",
-               "-tr", "nnUNetTrainerTopoMAEFinetune", "-device", "cpu"], env, check=False)
-    assert res.returncode == 1
-    last = res.stderr.strip().splitlines()[-1]
-    assert "nnunet-topomae:" in last and ("not preprocessed" in last or "3D configuration" in last), last
+    # a plans variant whose data was never preprocessed (nnU-Net's idiom: another data_identifier)
+    plans = nnunet_dataset.load_plans()
+    plans["plans_name"] = "nnUNetPlansNotPre"
+    plans["configurations"]["3d_fullres"]["data_identifier"] = "nnUNetPlansNotPre_3d_fullres"
+    path = os.path.join(nnunet_dataset.preprocessed_dataset, "nnUNetPlansNotPre.json")
+    with open(path, "w") as f:
+        json.dump(plans, f)
+    try:
+        env = nnunet_dataset.env(nnUNet_results=nnunet_dataset.fresh_results("not_pre"))
+        res = train(nnunet_dataset, "nnUNetTrainerTopoMAEFinetune", extra_args=["-p", "nnUNetPlansNotPre"], env=env,
+                    check=False)
+        assert res.returncode == 1
+        last = res.stderr.strip().splitlines()[-1]
+        assert last == (f"nnunet-topomae: {nnunet_dataset.dataset_name} is not preprocessed for configuration 3d_fullres "
+                        f"({os.path.join(nnunet_dataset.preprocessed_dataset, 'nnUNetPlansNotPre_3d_fullres')} is missing "
+                        f"or empty): run nnUNetv2_preprocess -d 901 -plans_name nnUNetPlansNotPre -c 3d_fullres"), last
+        doc = run([console_script("nnunet-topomae"), "doctor", "-d", "901", "-p", "nnUNetPlansNotPre"], env, check=False)
+        assert "is not preprocessed for 3d_fullres with nnUNetPlansNotPre" in doc.stdout, doc.stdout
+    finally:
+        os.remove(path)
 
 
 def test_inspect_and_doctor_on_real_checkpoints(nnunet_dataset, topomae_pretrain_run):
@@ -149,6 +166,8 @@ def test_inspect_and_doctor_on_real_checkpoints(nnunet_dataset, topomae_pretrain
     out = run([console_script("nnunet-topomae"), "inspect", topomae_pretrain_run.checkpoint_final], env)
     assert "TopoMAE pretraining checkpoint" in out.stdout and nnunet_dataset.dataset_name in out.stdout
     assert "complete:          yes" in out.stdout and "nnUNetTrainerTopoMAEFinetune" in out.stdout
-    doc = run([console_script("nnunet-topomae"), "doctor", "-d", str(nnunet_dataset.dataset_id), "-c", "2d"], env,
-              check=False)
+    # the plans hold a 2d configuration that was never preprocessed
+    doc = run([console_script("nnunet-topomae"), "doctor", "-d", str(nnunet_dataset.dataset_id), "-c", "2d",
+               "--checkpoint", topomae_pretrain_run.checkpoint_final], env, check=False)
     assert "is not preprocessed for 2d" in doc.stdout and "nnUNetv2_plan_and_preprocess -d 901 -c 2d" in doc.stdout
+    assert "TopoMAE pretraining checkpoint" in doc.stdout
