@@ -46,6 +46,11 @@ class TopoMAETrainerMixin(DDPDeviceMixin):
             raise UserInputError(f"{ds} is not preprocessed for configuration {self.configuration_name} "
                                  f"({folder} is missing or empty): run {cmd}")
 
+    def initialize(self):
+        if not self.was_initialized:
+            self.check_preprocessed()  # nnU-Net's initialize would fail deep inside on the missing folder
+        super().initialize()
+
     def on_train_start(self):
         self.check_preprocessed()
         # nnU-Net's data-loading workers are forked in super().on_train_start(): they end with this process

@@ -122,3 +122,93 @@ class nnUNetTrainerTopoMAEFinetune_test(ShortScheduleMixin, nnUNetTrainerTopoMAE
     def on_train_start(self):
         super().on_train_start()
         torch.save(self._unwrapped_network().state_dict(), os.path.join(self.output_folder, "initial_weights.pth"))
+
+
+# ----------------------------------------------------------------------------- unlabelled cases (tests/integration/test_unlabelled_e2e.py)
+import json as _json  # noqa: E402
+
+
+class _RecordKeysMixin:
+    """Writes the case keys of every training / validation batch to <fold>/seen_keys.json."""
+
+    def _record_keys(self, split, batch):
+        path = os.path.join(self.output_folder, "seen_keys.json")
+        seen = _json.load(open(path)) if os.path.isfile(path) else {"train": [], "val": []}
+        seen[split] += [str(k) for k in batch["keys"]]
+        with open(path, "w") as f:
+            _json.dump(seen, f)
+
+    def train_step(self, batch):
+        self._record_keys("train", batch)
+        return super().train_step(batch)
+
+    def validation_step(self, batch):
+        self._record_keys("val", batch)
+        return super().validation_step(batch)
+
+
+class nnUNetTrainerTopoMAEPretrain_testKeys(_RecordKeysMixin, ShortScheduleMixin, nnUNetTrainerTopoMAEPretrain):
+    """TopoMAE test pretraining that records which cases it saw."""
+
+
+class nnUNetTrainer_testKeys(_RecordKeysMixin, ShortScheduleMixin, nnUNetTrainer):
+    """nnU-Net's stock trainer, short, recording which cases it saw."""
+
+
+# ----------------------------------------------------------------------------- torchrun (tests/integration/test_distributed_e2e.py)
+import signal as _signal  # noqa: E402
+
+import torch.distributed as _dist  # noqa: E402
+
+from nnunet_topomae.trainers import nnUNetTrainerHybridMIMPretrain as _HybridMIMPretrain  # noqa: E402
+from nnunet_topomae.trainers import nnUNetTrainerTopoMAEFinetune as _TopoMAEFinetune  # noqa: E402
+from nnunet_topomae.trainers import nnUNetTrainerTopoMAEPretrain as _TopoMAEPretrain  # noqa: E402
+
+# a folder: after training, every rank writes its network's weights there as rank<R>.pth (outside the run folder)
+DDP_DUMP_ENV = "NNUNET_TOPOMAE_TEST_DDP_DUMP"
+# "R:E": rank R kills itself (kill -9) right after epoch E's checkpoints were written, once: it leaves the file
+# "killed" in the DDP_DUMP_ENV folder (required), and a restarted or continued run does not kill again
+DDP_KILL_ENV = "NNUNET_TOPOMAE_TEST_DDP_KILL"
+
+
+class _DDPTestMixin:
+    """Short DDP runs: 2 epochs x 2 steps (+ 1 validation step), persistence in the training process."""
+    pretrain_iterations_per_epoch = 2
+    pretrain_val_iterations_per_epoch = 1
+    test_num_iterations_per_epoch = 2
+    test_num_val_iterations_per_epoch = 1
+    topo_workers = 0
+
+    def on_epoch_end(self):
+        super().on_epoch_end()  # rank 0 writes the checkpoints, then current_epoch + 1
+        spec = os.environ.get(DDP_KILL_ENV)
+        if spec:
+            rank, epoch = (int(i) for i in spec.split(":"))
+            marker = os.path.join(os.environ[DDP_DUMP_ENV], "killed")
+            # every rank looks before the barrier, the marker is only written after it: the same decision everywhere
+            if self.current_epoch - 1 == epoch and not os.path.isfile(marker):
+                _dist.barrier()  # rank 0's checkpoints are on disk
+                if _dist.get_rank() == rank:
+                    open(marker, "w").close()
+                    print(f"{DDP_KILL_ENV}={spec}: rank {rank} kills itself", flush=True)
+                    os.kill(os.getpid(), _signal.SIGKILL)
+
+    def on_train_end(self):
+        super().on_train_end()
+        folder = os.environ.get(DDP_DUMP_ENV)
+        if folder:
+            rank = _dist.get_rank() if _dist.is_initialized() else 0
+            torch.save({k: v.detach().cpu() for k, v in self._unwrapped_network().state_dict().items()},
+                       os.path.join(folder, f"rank{rank}.pth"))
+
+
+class nnUNetTrainerTopoMAEPretrain_ddptest(_DDPTestMixin, ShortScheduleMixin, _TopoMAEPretrain):
+    """TopoMAE pretraining for the torchrun tests."""
+
+
+class nnUNetTrainerHybridMIMPretrain_ddptest(_DDPTestMixin, ShortScheduleMixin, _HybridMIMPretrain):
+    """HybridMIM pretraining for the torchrun tests."""
+
+
+class nnUNetTrainerTopoMAEFinetune_ddptest(_DDPTestMixin, ShortScheduleMixin, _TopoMAEFinetune):
+    """Hybrid finetuning for the torchrun tests."""
