@@ -190,7 +190,8 @@ def add_unlabelled(dataset: str, input_folder: str, configuration: str = "3d_ful
             pool = None
         else:
             import multiprocessing as mp
-            pool = mp.get_context("spawn").Pool(num_processes, maxtasksperchild=50)
+            # a worker imports torch and nnU-Net once (seconds): restarting it often costs more than it saves
+            pool = mp.get_context("spawn").Pool(num_processes, maxtasksperchild=1000)
             results = pool.imap_unordered(process_case, jobs)
         try:
             for status, case, msg in results:
