@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 
 from batchgenerators.utilities.file_and_folder_operations import isfile, join
 from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_topomae.errors import UserInputError
 from nnunet_topomae.utils.process import children_die_with_this_process
@@ -29,7 +30,8 @@ class TopoMAETrainerMixin(DDPDeviceMixin):
     DDP on the CPU and across nodes (``DDPDeviceMixin``, for ``python -m nnunet_topomae.distributed``)."""
 
     def _unwrapped_network(self):
-        mod = self.network.module if self.is_ddp else self.network
+        # not `if self.is_ddp`: nnU-Net calls configure_optimizers before it wraps the network in DDP
+        mod = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
     def extra_checkpoint_fields(self) -> dict:

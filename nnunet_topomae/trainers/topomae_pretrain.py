@@ -12,7 +12,6 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -23,6 +22,7 @@ from nnunet_topomae.losses.topological import (TopologicalLoss, default_pool_wor
                                                 reduction_kernel, require_backend)
 from nnunet_topomae.losses.topomae_loss import TopoMAELoss
 from nnunet_topomae.trainers.pretrain_base import nnUNetPretrainTrainerBase
+from nnunet_topomae.utils.ddp import local_world_size
 from nnunet_topomae.utils.memory import keep_freed_memory
 from nnunet_topomae.utils.plotting import save_persistence_diagrams
 
@@ -94,7 +94,8 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
             workers = self.topo_workers
             if workers is None:  # nnU-Net's initialize() has set this rank's batch size before _build_loss
                 volumes = self.batch_size * self.num_input_channels * (2 if self.use_cnn else 1)
-                workers = default_pool_workers(volumes, ranks=dist.get_world_size() if self.is_ddp else 1)
+                # the cores of this node are shared by the ranks on this node (torchrun's LOCAL_WORLD_SIZE)
+                workers = default_pool_workers(volumes, ranks=local_world_size() if self.is_ddp else 1)
             topo = TopologicalLoss(max_size=self.topo_max_size, max_pairs=self.topo_max_pairs, backend=self.topo_backend,
                                    workers=workers, max_voxels=self.topo_max_voxels)
         return TopoMAELoss(self.w_rec, self.w_topo, self.w_spatial if self.spatial_heads else 0.0,

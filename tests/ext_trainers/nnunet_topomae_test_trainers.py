@@ -211,4 +211,5 @@ class nnUNetTrainerHybridMIMPretrain_ddptest(_DDPTestMixin, ShortScheduleMixin, 
 
 
 class nnUNetTrainerTopoMAEFinetune_ddptest(_DDPTestMixin, ShortScheduleMixin, _TopoMAEFinetune):
-    """Hybrid finetuning for the torchrun tests."""
+    """Hybrid finetuning for the torchrun tests: 1 epoch x 2 steps, then nnU-Net's final validation."""
+    test_num_epochs = 1
