@@ -184,7 +184,12 @@ def write_trainer_shims(folder: str, tier: dict) -> Dict:
     save_every = 5  # checkpoint_latest.pth every 5 epochs, so that a stopped benchmark loses little (--c)
     names, written, lines = {}, set(), ["import torch", "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer",
                         "from nnunet_topomae.trainers import *", ""]
+    # only the arms this tier can run (with --extras): a class per arm of ARMS would make the whole module fail to
+    # import while one arm's trainer is not there (an arm added before its trainer is committed)
+    used = {arm for arm, _, _ in tier_runs(tier, extras=True)}
     for arm, (pre, fine) in ARMS.items():
+        if arm not in used:
+            continue
         if pre:
             # arms of the same pretraining trainer and length share one class, hence one checkpoint
             names[("pre", arm)] = pretrain_name(pre, pretrain_steps(arm, tier))
@@ -410,7 +415,7 @@ def backfill_per_case(results: List[dict], res_root: str, names: Dict, plans: st
     returns how many runs gained it."""
     n = 0
     for r in results:
-        if "per_case" in r or r["arm"] not in ARMS:
+        if "per_case" in r or ("fine", r["arm"]) not in names:
             continue
         summary = os.path.join(res_root, f"{names[('fine', r['arm'])]}__{plans}__3d_fullres", f"fold_{r['fold']}",
                                "validation", "summary.json")
@@ -478,7 +483,7 @@ def backfill_topo(results: List[dict], res_root: str, names: Dict, plans: str, p
     if not topo_available():
         return 0
     for r in results:
-        if "mean_hd95" in r or r["arm"] not in ARMS:
+        if "mean_hd95" in r or ("fine", r["arm"]) not in names:
             continue
         val = os.path.join(res_root, f"{names[('fine', r['arm'])]}__{plans}__3d_fullres", f"fold_{r['fold']}", "validation")
         if os.path.isfile(os.path.join(val, "summary.json")):
