@@ -322,16 +322,11 @@ def run(args: argparse.Namespace, launch: Launch, device_type: str) -> None:
     from torch.backends import cudnn
 
     rank0 = launch.rank == 0
-    shared = _broadcast({"seed": int(os.environ.get(SEED_ENV) or secrets.randbelow(2 ** 31 - 2 ** 20)),
-                         "token": uuid.uuid4().hex}, launch)
+    seed = int(os.environ.get(SEED_ENV) or secrets.randbelow(2 ** 31 - 2 ** 20))
+    shared = _broadcast({"seed": seed, "token": uuid.uuid4().hex}, launch)
     _seed_this_rank(shared["seed"] + launch.rank)
 
-    fold = args.fold
-    if fold != "all":
-        try:
-            fold = int(fold)
-        except ValueError:
-            raise UserInputError(f"fold must be 'all' or an integer, not {fold!r}") from None
+    fold = args.fold if args.fold == "all" else int(args.fold)
     if rank0 and args.p == "nnUNetPlans":
         print("INFO: You are using the old nnU-Net default plans (nnUNetPlans); see nnU-Net's "
               "documentation/resenc_presets.md for the newer recommendations.")
@@ -390,6 +385,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         _refuse("--c and --val cannot be used together", launch.rank == 0)
     if args.val_best and args.disable_checkpointing:
         _refuse("--val_best is not compatible with --disable_checkpointing", launch.rank == 0)
+    if args.fold != "all" and not args.fold.lstrip("-").isdigit():
+        _refuse(f"fold must be 'all' or an integer, not {args.fold!r}", launch.rank == 0)
+    if os.environ.get(SEED_ENV) and not os.environ[SEED_ENV].isdigit():
+        _refuse(f"{SEED_ENV} must be a non-negative integer, not {os.environ[SEED_ENV]!r}", launch.rank == 0)
 
     import torch
     import torch.distributed as dist

@@ -73,6 +73,21 @@ def test_not_started_by_torchrun_is_one_line():
         nd.read_launch(dict(TORCHRUN_ENV, LOCAL_RANK="2"))
 
 
+def test_argument_refusals_come_before_the_process_group(monkeypatch):
+    for k, v in dict(TORCHRUN_ENV, RANK="0", LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    base = ["901", "3d_fullres", "0", "-device", "cpu"]
+    for extra, message in ((["-num_gpus", "2"], "leave -num_gpus out"), (["--c", "--val"], "--c and --val"),
+                           (["--val_best", "--disable_checkpointing"], "--val_best is not compatible")):
+        with pytest.raises(UserInputError, match=message):
+            nd.main(base + extra)
+    with pytest.raises(UserInputError, match="fold must be 'all' or an integer"):
+        nd.main(["901", "3d_fullres", "zero", "-device", "cpu"])
+    monkeypatch.setenv(nd.SEED_ENV, "abc")
+    with pytest.raises(UserInputError, match="NNUNET_TOPOMAE_SEED must be"):
+        nd.main(base)
+
+
 def test_device_and_backend():
     launch = nd.read_launch(TORCHRUN_ENV)  # 2 processes on this node
     assert nd.choose_device_and_backend("cpu", "auto", launch, False, 0) == ("cpu", "gloo")
