@@ -22,7 +22,8 @@ UNL = "nnunet_topomae_unlabelled/nnUNetPlans_3d_fullres"
 
 
 def _digest(folder: str) -> dict:
-    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))}
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, f))}
 
 
 @pytest.fixture(scope="module")
