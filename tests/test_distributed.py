@@ -306,9 +306,13 @@ def test_one_step_on_two_ranks_equals_one_process_on_the_global_batch(tmp_path, 
             assert set(terms) == set(r0["terms"])
             for k, v in terms.items():
                 torch.testing.assert_close(r0["terms"][k], v, rtol=1e-4, atol=1e-5, msg=f"{name} term {k}")
+            net_scale = max(float(g.abs().max()) for g in grads.values())
             for k, g in grads.items():
-                # summation order differs between a batch of 2 and one of 4: within 1e-3 of the tensor's scale
-                torch.testing.assert_close(r0["grads"][k], g, rtol=0, atol=1e-3 * float(g.abs().max()) + 1e-7,
+                # summation order differs between a batch of 2 and one of 4: within 1e-3 of the tensor's scale.
+                # A conv bias ahead of instance normalisation has a true gradient of zero, so its "scale" is
+                # rounding noise: for such tensors the network's largest gradient sets the scale instead
+                scale = max(float(g.abs().max()), 1e-3 * net_scale)
+                torch.testing.assert_close(r0["grads"][k], g, rtol=0, atol=1e-3 * scale + 1e-7,
                                            msg=f"{name} gradient {k}")
                 torch.testing.assert_close(r1["grads"][k], r0["grads"][k], rtol=0, atol=0)
     finally:
