@@ -98,6 +98,12 @@ def add_parser(sub) -> None:
                    help="voxel budget of the reduced volume (default 12288, the trainer's topo_max_voxels; 0: none)")
     t.add_argument("--max-pairs", type=_non_negative_int, default=64,
                    help="most persistent pairs per dimension kept (default 64; 0: all)")
+    t.add_argument("--pair-mass", type=float, default=None,
+                   help="pair budget by persistence mass: the fewest points carrying this fraction of the squared "
+                        "persistence (default: none, the count --max-pairs only; the trainer's topo_pair_mass)")
+    t.add_argument("--tail", default="drop", choices=["drop", "diagonal"],
+                   help="points outside the pair budget dropped or matched to the diagonal (default drop; the "
+                        "trainer's topo_tail)")
     t.add_argument("--backend", default="gudhi", choices=["gudhi", "cripser"],
                    help="persistence backend (default gudhi; cripser is an optional GPL-3.0 extra)")
     t.add_argument("--workers", type=_non_negative_int, default=None,
@@ -635,7 +641,7 @@ class _TopoBench:
         self.reduced_shape = list(self._reduce(self.image[:1]).shape[2:])
         self.pool = pool
         kw = dict(max_size=args.max_size, max_voxels=self.max_voxels, dims=self.dims, max_pairs=self.max_pairs,
-                  backend=args.backend)
+                  backend=args.backend, pair_mass=getattr(args, "pair_mass", None), tail=getattr(args, "tail", "drop"))
         self.loss_pool = TopologicalLoss(workers=args.workers, **kw)
         self.loss_pool._pool = pool  # share the started pool: its start-up is timed separately
         self.loss_serial = TopologicalLoss(workers=0, **kw)
@@ -669,7 +675,8 @@ class _TopoBench:
         from nnunet_topomae.losses.topological import persistence_pairs
         vols = self.recon_volumes = self.recon_volumes or self._recon_volumes()
         t0 = time.perf_counter()
-        self.recon_pairs = [persistence_pairs(v, self.dims, self.max_pairs, self.args.backend) for v in vols]
+        self.recon_pairs = [persistence_pairs(v, self.dims, self.max_pairs, self.args.backend,
+                                              getattr(self.args, "pair_mass", None)) for v in vols]
         return _ms(t0)
 
     def recon_pool(self) -> Optional[float]:
@@ -691,7 +698,8 @@ class _TopoBench:
         b, c = recon.shape[:2]
         t0 = time.perf_counter()
         loss = topological_loss_batch(recon.reshape(b * c, *recon.shape[2:]), target.reshape(b * c, *target.shape[2:]),
-                                      self.recon_pairs, [t_pairs[i][j] for i in range(b) for j in range(c)], self.dims)
+                                      self.recon_pairs, [t_pairs[i][j] for i in range(b) for j in range(c)], self.dims,
+                                      getattr(self.args, "tail", "drop"))
         loss.mean().backward()
         return _ms(t0)
 
@@ -738,7 +746,7 @@ def _start_pool(args):
     import numpy as np
     from nnunet_topomae.losses.topological import PersistencePool
     t0 = time.perf_counter()
-    pool = PersistencePool(args.workers, (0, 1, 2), args.max_pairs or None, args.backend)
+    pool = PersistencePool(args.workers, (0, 1, 2), args.max_pairs or None, args.backend, getattr(args, "pair_mass", None))
     pool.map([np.zeros((2, 2, 2))] * args.workers)
     return pool, _ms(t0)
 
@@ -747,7 +755,7 @@ PART_LABELS = [
     ("inputs_persistence_ms", "inputs' persistence (data-loading workers, B samples)", "no"),
     ("recon_persistence_serial_ms", "reconstructions' persistence, serial", "(reference)"),
     ("recon_persistence_pool_ms", "reconstructions' persistence, in the pool", "yes"),
-    ("matching_backward_ms", "matching + gather + backward", "yes"),
+    ("matching_backward_ms", "matching + gather + backward, serial (pool: in its workers)", "yes"),
     ("critical_path_ms", "CRITICAL PATH: per_volume + backward (pool, inputs given)", "= total"),
     ("critical_path_other_ms", "  remainder: reduce, copies, overhead (per-round difference)", "yes"),
     ("critical_path_serial_ms", "critical path without the pool (workers=0)", "(reference)"),
@@ -769,6 +777,7 @@ def measure_topo(args) -> dict:
             "patch": list(args.patch), "batch": args.batch, "branches": args.branches,
             "volumes_per_step": args.batch * args.branches, "reduced_shape": bench.reduced_shape,
             "max_size": args.max_size, "max_voxels": args.max_voxels, "max_pairs": args.max_pairs, "backend": args.backend,
+            "pair_mass": getattr(args, "pair_mass", None), "tail": getattr(args, "tail", "drop"),
             "workers": args.workers, "repeats": args.repeats, "seed": args.seed,
             "malloc_keep_freed": kept, "pool_startup_ms": startup,
             "parts": {k: _stats(v) for k, v in parts.items()},

@@ -39,8 +39,8 @@ def test_topo_json_has_every_part(capsys):
     assert report["pool_startup_ms"] > 0
     # the trainer's pool size by default (2 on a 2-core machine)
     assert report["volumes_per_step"] == 4 and report["branches"] == 2 and report["workers"] == default_pool_workers(4)
-    # 24^3 = 13824 voxels is over the default budget (12288): the first axis is coarsened
-    assert report["reduced_shape"] == [12, 24, 24] and report["max_voxels"] == 12288
+    # 24^3 = 13824 voxels is over the default budget (12288): a cubic patch is coarsened on every axis alike
+    assert report["reduced_shape"] == [12, 12, 12] and report["max_voxels"] == 12288
     assert report["on_critical_path"]["inputs_persistence_ms"] == "no"
     assert report["malloc_keep_freed"] is sys.platform.startswith("linux")  # as the trainer: glibc keeps freed memory
     assert report["machine"]["cpu_count"] >= 1 and "torch" in report["machine"]

@@ -166,13 +166,17 @@ def test_pool_gives_the_serial_pairs_per_backend(backend):
         p.close()
 
 
-def test_loss_with_pool_equals_serial(pool):
+@pytest.mark.parametrize("max_size,tail", [(16, "drop"), (None, "diagonal")])
+def test_loss_with_pool_equals_serial(pool, max_size, tail):
+    """Persistence and matching in the pool (pairs_and_plan) give exactly the serial loss, also at
+    full resolution with the tail matched to the diagonal (the _faithfulTopo settings)."""
     rng = np.random.default_rng(3)
     target = torch.as_tensor(gaussian_filter(rng.standard_normal((3, 1, 24, 20, 16)), sigma=(0, 0, 2, 2, 2)),
                              dtype=torch.float32)
     recon = target + 0.3 * torch.as_tensor(rng.standard_normal(target.shape), dtype=torch.float32)
-    serial = TopologicalLoss(max_size=16, max_pairs=16, workers=0)
-    pooled = TopologicalLoss(max_size=16, max_pairs=16, workers=2)
+    kw = dict(max_size=max_size, max_voxels=None, max_pairs=16, tail=tail)
+    serial = TopologicalLoss(workers=0, **kw)
+    pooled = TopologicalLoss(workers=2, **kw)
     pooled._pool = pool  # the started module pool (same settings), instead of starting another
     torch.testing.assert_close(pooled.per_volume(recon, target), serial.per_volume(recon, target), rtol=0, atol=0)
 

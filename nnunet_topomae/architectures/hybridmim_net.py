@@ -8,14 +8,15 @@ A U-Net is pretrained on a masked input with three groups of objectives:
    released ``DeepUNet`` (``Pretrain/pretrain_models/deep_unet_v2.py``: ``cons_stages``,
    ``wrap_feature_selection``, ``forward_decoder``) crops every encoder feature map to a box
    given in bottleneck coordinates, scaled by the pooling factors below that stage, and decodes
-   the cropped skips only (a fixed centre box ``[4, 12)^3`` of the 12^3 bottleneck of a 96^3
-   patch, i.e. the centre 64^3 voxels).
+   the cropped skips only: a fixed box ``[4, 12)^3`` of the 12^3 bottleneck of a 96^3 patch, i.e.
+   voxels 32-96 on each axis, a 64^3 box anchored at the far corner of the patch, not a central one
+   (a central 64^3 box would be voxels 16-80, bottleneck positions [2, 10)).
 2. *Patch-masking perception* from the bottleneck: number of masked cubes per sub-volume
    (``n_cubes + 1`` classes) and their positions (``n_cubes`` binary labels); released heads
    ``pred_mask_region = nn.Linear(C, 9)`` and ``pred_mask_region_position = nn.Linear(C, 8)``.
 3. *Dropout-based contrastive learning*: two forward passes of the same masked input differ
    only by dropout; the global-average-pooled bottleneck is projected
-   (``contrast_learning_head = nn.Linear(C, 384)``) and NT-Xent is applied. The released code
+   (``contrast_learning_head = nn.Linear(C, 384)``, one linear layer) and NT-Xent is applied. The released code
    computes the second encoder pass under ``torch.no_grad()`` but applies the projection head
    with gradients.
 
@@ -44,11 +45,12 @@ Our interpretation for nnU-Net
   map right before global average pooling and the projection MLP. ``training=True`` is
   deliberate: the two views must differ in validation too. The other heads and the decoder see
   the un-dropped bottleneck. (Released code: dropout 0.1 inside the stem and decoder convs.)
-* The projection head is an MLP ``Linear(C, hidden) -> ReLU -> Linear(hidden, proj_dim)``
-  (``projection_hidden=0`` gives the released single ``Linear(C, proj_dim)``).
+* The projection head is a two-layer MLP ``Linear(C, hidden) -> ReLU -> Linear(hidden, proj_dim)``
+  (``hidden = C`` by default, SimCLR's head) where the released code has one linear layer
+  ``Linear(C, 384)``; ``projection_hidden=0`` gives the released single ``Linear(C, proj_dim)``.
 * The partial-region box is drawn at random every step by :func:`sample_box` (the released
-  code fixes the centre box); the default size is 2/3 of the bottleneck grid per axis, as in
-  the released 8/12 setting.
+  code fixes the corner-anchored box ``[4, 12)^3`` above); the default size is 2/3 of the
+  bottleneck grid per axis, as in the released 8/12 setting.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ of row ``i`` is ``p(i) = (i + N) mod 2N``; all other ``2N - 2`` rows are negativ
 This is exactly the released ``forward_constrast_loss`` (``Pretrain/losses/loss.py``, temperature
 0.5), implemented here as a cross-entropy with the diagonal masked out (numerically stable).
 
+The embeddings ``z`` come from the projection head of ``HybridMIMNetwork``: here a two-layer MLP
+(``Linear(C, C) -> ReLU -> Linear(C, 384)``, SimCLR's head) by default, where the released code
+projects with one linear layer (``contrast_learning_head = nn.Linear(C, 384)``);
+``projection_hidden = 0`` on the trainer gives the released single layer.
+
 DDP
 ---
 With ``gather=True`` the embeddings of all ranks are gathered (:func:`gather_with_grad`) so the

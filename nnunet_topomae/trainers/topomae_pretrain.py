@@ -18,8 +18,9 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_topomae.architectures.topomae_net import TopoMAENetwork
 from nnunet_topomae.architectures.vit3d import VIT_PRESETS, ViTConfig, token_size_from_plan
-from nnunet_topomae.losses.topological import (TopologicalLoss, default_pool_workers, reduced_diagrams,
-                                                reduction_kernel, require_backend)
+from nnunet_topomae.losses.topological import (TopologicalLoss, check_topo_settings, composed_outputs,
+                                                default_pool_workers, reduced_diagrams, reduction_kernel,
+                                                require_backend)
 from nnunet_topomae.losses.topomae_loss import TopoMAELoss
 from nnunet_topomae.trainers.pretrain_base import nnUNetPretrainTrainerBase
 from nnunet_topomae.utils.ddp import local_world_size
@@ -59,10 +60,18 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
     w_spatial_consistency: float = 0.1
     # topological loss on a reduced copy: at most topo_max_size voxels per axis and topo_max_voxels in
     # all (about 23^3: Hippocampus's 40x56x40 patch -> 20x28x20, a 128^3 patch -> 22^3); most persistent pairs
-    topo_max_size: int = 32
+    topo_max_size: Optional[int] = 32
     topo_max_voxels: Optional[int] = 12288
-    topo_max_pairs: int = 64
+    topo_max_pairs: Optional[int] = 64
     topo_backend: str = "gudhi"       # 'cripser' (optional extra, GPL-3.0) is faster
+    # pair budget by persistence mass (None: by count only), and the points outside the budget: 'drop'
+    # them or match them to the 'diagonal' (losses.topological.pair_budget / topological_loss_batch;
+    # how faithful each setting is to the exact L_topo and what it costs: docs/BENCHMARKS.md, fidelity)
+    topo_pair_mass: Optional[float] = None
+    topo_tail: str = "drop"
+    # what the loss compares with the input: the network's 'raw' output, or the 'composed' image
+    # m * recon + (1 - m) * input (the input on the visible voxels; docs/METHOD.md)
+    topo_reconstruction: str = "raw"
     # processes for the reconstructions' persistence (0: in process; None: default_pool_workers, i.e.
     # 2 on a 2-core machine, up to one per reconstruction of a step where there are more cores)
     topo_workers: Optional[int] = None
@@ -91,13 +100,15 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
         topo = None
         if self.w_topo > 0:
             require_backend(self.topo_backend, hint=f" with {type(self).__name__}, or use nnUNetTrainerTopoMAEPretrain (gudhi)")
+            check_topo_settings(self.topo_reconstruction, self.topo_tail)
             workers = self.topo_workers
             if workers is None:  # nnU-Net's initialize() has set this rank's batch size before _build_loss
                 volumes = self.batch_size * self.num_input_channels * (2 if self.use_cnn else 1)
                 # the cores of this node are shared by the ranks on this node (torchrun's LOCAL_WORLD_SIZE)
                 workers = default_pool_workers(volumes, ranks=local_world_size() if self.is_ddp else 1)
             topo = TopologicalLoss(max_size=self.topo_max_size, max_pairs=self.topo_max_pairs, backend=self.topo_backend,
-                                   workers=workers, max_voxels=self.topo_max_voxels)
+                                   workers=workers, max_voxels=self.topo_max_voxels,
+                                   pair_mass=self.topo_pair_mass, tail=self.topo_tail)
         return TopoMAELoss(self.w_rec, self.w_topo, self.w_spatial if self.spatial_heads else 0.0,
                            self.w_rec_consistency if self.use_cnn else 0.0,
                            self.w_spatial_consistency if (self.use_cnn and self.spatial_heads) else 0.0,
@@ -114,6 +125,8 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
         x = batch["data"].to(self.device, non_blocking=True)
         spatial = batch["spatial"].to(self.device, non_blocking=True)
         out = self.network(x)
+        if self.topo_reconstruction == "composed":  # changes the topological term only (composed_outputs)
+            out = composed_outputs(out, x)
         with_topo = True
         if self.network.training:  # the schedules count training steps and epochs; validation always scores it
             self._train_step_count = getattr(self, "_train_step_count", -1) + 1
@@ -162,7 +175,8 @@ class nnUNetTrainerTopoMAEPretrain(nnUNetPretrainTrainerBase):
         # an optional backend is only checked when the loss uses it; gudhi is always there
         backend = self.topo_backend if self.loss.topo_loss is not None else "gudhi"
         diagrams = reduced_diagrams(volumes, self.topo_max_size, self.topo_max_voxels,
-                                    max_pairs=self.topo_max_pairs, backend=backend)
+                                    max_pairs=self.topo_max_pairs, backend=backend, pair_mass=self.topo_pair_mass,
+                                    tail=self.topo_tail)
         shape = columns["input"].shape
         reduced = "x".join(str(-(-s // k)) for s, k in zip(shape, reduction_kernel(shape, self.topo_max_size,
                                                                                      self.topo_max_voxels)))
