@@ -275,3 +275,30 @@ def test_report_names_patients_and_adds_topo_columns_when_present(runner, tmp_pa
     text = (tmp_path / "results.md").read_text()
     assert "| arm | labelled patients (cases) |" in text and "mean HD95 mm | mean NSD | mean Betti error |" in text
     assert "| topomae | 5 (10) | 2 | 0.8100 | 0.0200 | 0.8000, 0.8200 | 3.00 (1 runs) | 0.900 (1 runs) | 0.500 (1 runs) |" in text
+
+
+# ------------------------------------------------------------ benchmarks/unlabelled_protocol.py (issue 25)
+def test_unlabelled_protocol_images_are_the_other_training_cases_nested_and_fixed():
+    proto = load_script("unlabelled_protocol")
+    train = [f"case_{i:03d}" for i in range(30)]
+    labelled = ["case_004", "case_011"]
+    order = proto.unlabelled_order(train, labelled)
+    assert sorted(order) == sorted(set(train) - set(labelled))  # every other training case, none labelled
+    assert order == proto.unlabelled_order(list(reversed(train)), labelled)  # fixed whatever the input order
+    assert order != sorted(order)  # a permutation, so the first N are not the lowest ids
+    # one dataset id per count, the counts' datasets nested (the first 40 of the same order)
+    assert [proto.dataset_id(n) for n in proto.COUNTS] == [960, 961, 962]
+
+
+def test_unlabelled_protocol_report_pairs_each_run_with_nnunet(tmp_path):
+    proto = load_script("unlabelled_protocol")
+    cases = {f"c{i}.nii.gz": 0.80 + 0.01 * (i % 3) for i in range(8)}
+    rec = lambda arm, n, seed, shift: dict(arm=arm, unlabelled=n, seed=seed, mean_dice=0.8 + shift,
+                                           per_case={k: v + shift for k, v in cases.items()})
+    results = [rec("scratch_nnunet", 0, 0, 0.0), rec("topomae", 155, 0, 0.02), rec("topomae", 0, 0, -0.01)]
+    reference = [dict(rec("topomae", None, 0, 0.03), subset="5")]
+    text = proto.write_report(results, reference, str(tmp_path))
+    assert "| topomae | 155 | 5 + 155 | 1 | 0.8200 |" in text
+    assert "| topomae, label hiding (run.py) |" in text
+    assert "| topomae | 155 | 0 | +2.00 |" in text and "| topomae | 0 | 0 | -1.00 |" in text
+    assert open(tmp_path / "results.md").read() == text

@@ -30,7 +30,8 @@ from nnunet_topomae.losses.topological import (
     wasserstein2_matching,
 )
 from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrain
-from nnunet_topomae.trainers.variants import nnUNetTrainerTopoMAEPretrain_faithfulTopo
+from nnunet_topomae.trainers.variants import (nnUNetTrainerTopoMAEPretrain_faithfulTopo,
+                                              nnUNetTrainerTopoMAEPretrain_faithfulTopoCripser)
 
 
 def _mri_like(shape, seed, noise=0.3):
@@ -294,6 +295,12 @@ def test_trainer_settings_reach_the_loss():
     assert (loss.max_size, loss.max_voxels, loss.max_pairs, loss.pair_mass, loss.tail) == (None, None, 1024, None, "diagonal")
     pfn = loss.input_persistence()
     assert (pfn.max_size, pfn.max_voxels, pfn.max_pairs, pfn.pair_mass) == (None, None, 1024, None)
+
+    class Fast(nnUNetTrainerTopoMAEPretrain_faithfulTopoCripser):
+        topo_workers = 0
+    fast = nnUNetTrainerTopoMAEPretrain_faithfulTopoCripser._build_loss(Fast).topo_loss
+    assert (fast.max_size, fast.max_pairs, fast.tail, fast.backend) == (None, 1024, "diagonal", "cripser")
+    assert fast.input_persistence().backend == "cripser"  # the data-loading workers' half uses it too
 
     class Bad(nnUNetTrainerTopoMAEPretrain):
         topo_workers = 0

@@ -39,6 +39,12 @@ class nnUNetTrainerTopoMAEPretrain_faithfulTopo(nnUNetTrainerTopoMAEPretrain):
     topo_tail = "diagonal"
 
 
+class nnUNetTrainerTopoMAEPretrain_faithfulTopoCripser(nnUNetTrainerTopoMAEPretrain_faithfulTopo):
+    """Fidelity at less cost: ``_faithfulTopo`` with the optional cripser backend (same diagrams, the
+    full-resolution persistence 4-6x faster than gudhi; ``pip install "nnunet-topomae[fast]"``, GPL-3.0)."""
+    topo_backend = "cripser"
+
+
 class nnUNetTrainerTopoMAEPretrain_topoEvery2(nnUNetTrainerTopoMAEPretrain):
     """Speed: the topological term on every second step only (half its cost; the other terms every step)."""
     topo_every = 2
