@@ -277,6 +277,18 @@ def test_report_names_patients_and_adds_topo_columns_when_present(runner, tmp_pa
     assert "| topomae | 5 (10) | 2 | 0.8100 | 0.0200 | 0.8000, 0.8200 | 3.00 (1 runs) | 0.900 (1 runs) | 0.500 (1 runs) |" in text
 
 
+def test_report_has_hd95_and_betti_error_per_class(runner, tmp_path):
+    rec = lambda arm, seed, h1, b3: dict(arm=arm, labelled_cases=10, labelled_patients=5, mean_dice=0.8, seed=seed,
+                                         mean_hd95=h1, mean_nsd=0.9, mean_betti_error=b3,
+                                         hd95={"1": h1, "2": 2.0, "3": 1.0}, betti_error={"1": 0.0, "2": 6.0, "3": b3})
+    runner.write_report([rec("topomae", 0, 4.0, 1.0), rec("topomae", 1, 6.0, 2.0), rec("scratch_nnunet", 0, 8.0, 0.5)],
+                        str(tmp_path), quiet=True)
+    text = (tmp_path / "results.md").read_text()
+    assert "| arm | labelled | runs | HD95 1 | HD95 2 | HD95 3 | Betti 1 | Betti 2 | Betti 3 |" in text
+    assert "| topomae | 5 (10) | 2 | 5.00 | 2.00 | 1.00 | 0.00 | 6.00 | 1.50 |" in text
+    assert "| scratch_nnunet | 5 (10) | 1 | 8.00 | 2.00 | 1.00 | 0.00 | 6.00 | 0.50 |" in text
+
+
 # ------------------------------------------------------------ benchmarks/unlabelled_protocol.py (issue 25)
 def test_unlabelled_protocol_images_are_the_other_training_cases_nested_and_fixed():
     proto = load_script("unlabelled_protocol")
