@@ -133,7 +133,8 @@ def write_report(results: List[dict], reference: List[dict], out: str) -> str:
             lines.append(f"| {arm}, label hiding (run.py) | - | {'5 + 155 (labels hidden)' if arm == 'topomae' else '-'} "
                          f"| {len(v)} | {np.mean(v):.4f} | {', '.join(f'{x:.4f}' for x in v)} | - | - |")
     # each TopoMAE run against nnU-Net from scratch (this protocol's seed 0 if there, else the label-hiding runs')
-    anchors = [r for r in results if r["arm"] == "scratch_nnunet"] or [r for r in reference if r["arm"] == "scratch_nnunet"]
+    # (records of the label-hiding file written before it kept per-case Dice cannot be paired)
+    anchors = [r for r in results + reference if r["arm"] == "scratch_nnunet" and "per_case" in r]
     if anchors:
         a = anchors[0]
         lines += ["", f"Paired with nnU-Net from scratch on the same 5 cases ({a.get('source', 'this protocol')}, seed "
