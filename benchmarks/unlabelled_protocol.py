@@ -19,8 +19,9 @@ in the N = 0 dataset: it never reads unlabelled cases) anchors the gains.
 
 Runs (``RUNS``): TopoMAE with 155 unlabelled, 3 seeds; with 0 and 40, one seed; nnU-Net from scratch, one
 seed (the label-hiding benchmark has three more of it on the same cases). Resumable: a finished run is not
-rerun, a stopped one continues with ``--c``. Writes ``results.json`` and ``results.md`` into ``--out``;
-``results.md`` also compares with the label-hiding protocol's TopoMAE runs
+rerun, a stopped one continues with ``--c``. Writes ``unlabelled_protocol.json`` and ``unlabelled_protocol.md`` into
+``--out`` (not run.py's ``results.*``: the two scripts can share an ``--out`` folder and its dataset 950, and run.py
+would take these records for its own); the report also compares with the label-hiding protocol's TopoMAE runs
 (``benchmarks/results/hippocampus_dev200_cpu.json``, same cases, same budgets).
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ FIRST_ID = 960  # + index of the count in COUNTS
 # (arm, unlabelled images, seeds), breadth first by seed as in run.py
 RUNS = [("topomae", 155, 3), ("scratch_nnunet", 0, 1), ("topomae", 0, 1), ("topomae", 40, 1)]
 PLANS = "nnUNetPlansCPU"
+RESULTS, REPORT = "unlabelled_protocol.json", "unlabelled_protocol.md"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -147,7 +149,7 @@ def write_report(results: List[dict], reference: List[dict], out: str) -> str:
             lines.append(f"| {r['arm']} | {r['unlabelled']} | {r['seed']} | {100 * p['mean']:+.2f} | "
                          f"{100 * p['lo']:+.2f} to {100 * p['hi']:+.2f} | {p['better']} of {p['cases']} |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(os.path.join(out, REPORT), "w") as f:
         f.write(text)
     return text
 
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
                        budgets=dict(pretrain_steps=tier["pretrain_steps"], finetune_steps=tier["finetune_steps"])), f, indent=1)
     if args.prepare_only:
         return 0
-    results_path = os.path.join(out, "results.json")
+    results_path = os.path.join(out, RESULTS)
     results: List[dict] = json.load(open(results_path)) if os.path.isfile(results_path) else []
     done = {(r["arm"], r["unlabelled"], r["seed"]) for r in results}
     for arm, n, seed in sorted(runs, key=lambda r: r[2]):

@@ -313,7 +313,8 @@ def test_unlabelled_protocol_report_pairs_each_run_with_nnunet(tmp_path):
     assert "| topomae | 155 | 5 + 155 | 1 | 0.8200 |" in text
     assert "| topomae, label hiding (run.py) |" in text
     assert "| topomae | 155 | 0 | +2.00 |" in text and "| topomae | 0 | 0 | -1.00 |" in text
-    assert open(tmp_path / "results.md").read() == text
+    assert open(tmp_path / "unlabelled_protocol.md").read() == text
+    assert not (tmp_path / "results.md").exists()  # run.py's file names stay run.py's
     # only label-hiding anchors: paired with the first that has per-case Dice (older records have none)
     old = [dict(arm="scratch_nnunet", unlabelled=None, seed=0, mean_dice=0.8, subset="5")]
     text = proto.write_report([rec("topomae", 155, 0, 0.02)], old + [dict(rec("scratch_nnunet", None, 1, 0.0),
