@@ -500,6 +500,33 @@ def _continue(fold_dir: str) -> List[str]:
     return ["--c"] if os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth")) else []
 
 
+def pretrain_once(train, pre_name: str, folder: str, env, log, say: str) -> tuple:
+    """Fold 0's pretraining into ``folder`` (the trainer's results folder) unless its checkpoint_final.pth is there
+    (a stopped one continues with --c); returns (the finetuning's ``-pretrained_weights`` arguments, seconds spent).
+    ``say`` is printed before a pretraining starts."""
+    ckpt = os.path.join(folder, "fold_0", "checkpoint_final.pth")
+    t_pre = 0.0
+    if not os.path.isfile(ckpt):
+        print(say, flush=True)
+        t0 = time.time()
+        run(train(pre_name, 0) + _continue(os.path.dirname(ckpt)), env, log, echo=epoch_echo())
+        t_pre = time.time() - t0
+    return ["-pretrained_weights", ckpt], t_pre
+
+
+def finetune_once(train, fine_name: str, fold: int, folder: str, extra: List[str], env, log) -> str:
+    """The finetuning of ``fold`` into ``folder`` (its fold_X) up to nnU-Net's final validation, unless that is
+    there: only ``--val`` after a finished training, ``--c`` after a stopped one, else a start with ``extra``.
+    Returns the path of the validation's summary.json."""
+    summary = os.path.join(folder, "validation", "summary.json")
+    if not os.path.isfile(summary):
+        if os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
+            run(train(fine_name, fold) + ["--val"], env, log)
+        else:  # a run stopped half-way continues from its checkpoint_latest.pth (nnU-Net's --c)
+            run(train(fine_name, fold) + (_continue(folder) or extra), env, log, echo=epoch_echo())
+    return summary
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--raw", required=True, help="MSD task folder (imagesTr, labelsTr, dataset.json) or nnU-Net raw dataset")
@@ -591,26 +618,16 @@ def main() -> int:
         try:
             extra, t_pre = [], 0.0
             if pre is not None:
-                ckpt = os.path.join(res_root, f"{names[('pre', arm)]}__{plans}__3d_fullres", "fold_0", "checkpoint_final.pth")
-                if not os.path.isfile(ckpt):
-                    print(f"[{time.time() - t_all:6.0f} s] pretraining {names[('pre', arm)]} on fold 0's training images", flush=True)
-                    t_pre = time.time()
-                    run(train(names[('pre', arm)], 0) + _continue(os.path.dirname(ckpt)), env, log, echo=epoch_echo())
-                    t_pre = time.time() - t_pre
-                extra = ["-pretrained_weights", ckpt]
+                extra, t_pre = pretrain_once(
+                    train, names[("pre", arm)], os.path.join(res_root, f"{names[('pre', arm)]}__{plans}__3d_fullres"), env,
+                    log, f"[{time.time() - t_all:6.0f} s] pretraining {names[('pre', arm)]} on fold 0's training images")
             fold = split_info["fold_of"][(str(labelled), seed)]
             what = f"{labelled} labelled {'patients' if 'patients' in split_info else 'cases'}"
             print(f"[{time.time() - t_all:6.0f} s] {arm}: {names[('fine', arm)]}, {what}, seed {seed} (fold {fold})",
                   flush=True)
             t0 = time.time()
             folder = os.path.join(res_root, f"{names[('fine', arm)]}__{plans}__3d_fullres", f"fold_{fold}")
-            summary = os.path.join(folder, "validation", "summary.json")
-            if not os.path.isfile(summary):
-                if os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
-                    run(train(names[('fine', arm)], fold) + ["--val"], env, log)
-                else:  # a run stopped half-way continues from its checkpoint_latest.pth (nnU-Net's --c)
-                    resume = _continue(folder)
-                    run(train(names[('fine', arm)], fold) + (resume or extra), env, log, echo=epoch_echo())
+            summary = finetune_once(train, names[("fine", arm)], fold, folder, extra, env, log)
             t_train = time.time() - t0
         except UserInputError as e:
             if not args.keep_going:

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # noqa: E402  (benchmarks/run.py: the label-hiding runner this protocol mirrors)
 
 from nnunet_topomae.errors import UserInputError  # noqa: E402
-from nnunet_topomae.workflow import epoch_echo, nnunet_command, nnunet_env, run  # noqa: E402
+from nnunet_topomae.workflow import nnunet_command, nnunet_env, run  # noqa: E402
 
 COUNTS = (0, 40, 155)
 FIRST_ID = 960  # + index of the count in COUNTS
@@ -209,22 +209,13 @@ def main(argv=None) -> int:
         pre, _ = bench.ARMS[arm]
         extra, t_pre = [], 0.0
         if pre is not None:
-            ckpt = os.path.join(res_root, f"{names[('pre', arm)]}__{PLANS}__3d_fullres", "fold_0", "checkpoint_final.pth")
-            if not os.path.isfile(ckpt):
-                print(f"pretraining {names[('pre', arm)]} on 5 labelled + {n} unlabelled images ({name})", flush=True)
-                t0 = time.time()
-                run(train(names[("pre", arm)], 0) + bench._continue(os.path.dirname(ckpt)), env, log, echo=epoch_echo())
-                t_pre = time.time() - t0
-            extra = ["-pretrained_weights", ckpt]
+            extra, t_pre = bench.pretrain_once(
+                train, names[("pre", arm)], os.path.join(res_root, f"{names[('pre', arm)]}__{PLANS}__3d_fullres"), env, log,
+                f"pretraining {names[('pre', arm)]} on 5 labelled + {n} unlabelled images ({name})")
         print(f"{arm}, {n} unlabelled, seed {seed} (fold {seed}): {names[('fine', arm)]}", flush=True)
         folder = os.path.join(res_root, f"{names[('fine', arm)]}__{PLANS}__3d_fullres", f"fold_{seed}")
-        summary = os.path.join(folder, "validation", "summary.json")
         t0 = time.time()
-        if not os.path.isfile(summary):
-            if os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
-                run(train(names[("fine", arm)], seed) + ["--val"], env, log)
-            else:
-                run(train(names[("fine", arm)], seed) + (bench._continue(folder) or extra), env, log, echo=epoch_echo())
+        summary = bench.finetune_once(train, names[("fine", arm)], seed, folder, extra, env, log)
         m = json.load(open(summary))
         rec = dict(arm=arm, unlabelled=n, seed=seed, fold=seed, dataset=name, labelled_cases=len(labelled),
                    mean_dice=float(m["foreground_mean"]["Dice"]), dice={k: v["Dice"] for k, v in m["mean"].items()},

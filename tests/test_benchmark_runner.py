@@ -320,3 +320,35 @@ def test_unlabelled_protocol_report_pairs_each_run_with_nnunet(tmp_path):
     text = proto.write_report([rec("topomae", 155, 0, 0.02)], old + [dict(rec("scratch_nnunet", None, 1, 0.0),
                                                                         source="label-hiding benchmark")], str(tmp_path))
     assert "(label-hiding benchmark, seed 1)" in text and "| topomae | 155 | 0 | +2.00 |" in text
+
+
+def test_pretrain_once_and_finetune_once_resume_the_nnunet_way(runner, tmp_path, monkeypatch):
+    """One piece of run.py drives both benchmark scripts: pretraining only without a final checkpoint (--c after a
+    stop), finetuning from the weights, --c after a stop, only --val after a finished training, nothing when done."""
+    calls = []
+    monkeypatch.setattr(runner, "run", lambda cmd, env, log, echo=None: calls.append(cmd))
+    train = lambda tr, fold: [tr, str(fold)]
+    pre = tmp_path / "pre"
+    extra, _ = runner.pretrain_once(train, "P", str(pre), {}, "log", "pretraining")
+    assert calls.pop() == ["P", "0"] and extra == ["-pretrained_weights", str(pre / "fold_0" / "checkpoint_final.pth")]
+    (pre / "fold_0").mkdir(parents=True)
+    (pre / "fold_0" / "checkpoint_latest.pth").write_bytes(b"")
+    runner.pretrain_once(train, "P", str(pre), {}, "log", "pretraining")
+    assert calls.pop() == ["P", "0", "--c"]
+    (pre / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
+    assert runner.pretrain_once(train, "P", str(pre), {}, "log", "pretraining")[1] == 0.0 and not calls
+
+    fold = tmp_path / "fine" / "fold_5"
+    summary = runner.finetune_once(train, "F", 5, str(fold), extra, {}, "log")
+    assert calls.pop() == ["F", "5"] + extra and summary == str(fold / "validation" / "summary.json")
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_latest.pth").write_bytes(b"")
+    runner.finetune_once(train, "F", 5, str(fold), extra, {}, "log")
+    assert calls.pop() == ["F", "5", "--c"]
+    (fold / "checkpoint_final.pth").write_bytes(b"")
+    runner.finetune_once(train, "F", 5, str(fold), extra, {}, "log")
+    assert calls.pop() == ["F", "5", "--val"]
+    (fold / "validation").mkdir()
+    (fold / "validation" / "summary.json").write_text("{}")
+    runner.finetune_once(train, "F", 5, str(fold), extra, {}, "log")
+    assert not calls
