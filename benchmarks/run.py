@@ -500,16 +500,17 @@ def _continue(fold_dir: str) -> List[str]:
     return ["--c"] if os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth")) else []
 
 
-def pretrain_once(train, pre_name: str, folder: str, env, log, say: str) -> tuple:
-    """Fold 0's pretraining into ``folder`` (the trainer's results folder) unless its checkpoint_final.pth is there
-    (a stopped one continues with --c); returns (the finetuning's ``-pretrained_weights`` arguments, seconds spent).
-    ``say`` is printed before a pretraining starts."""
-    ckpt = os.path.join(folder, "fold_0", "checkpoint_final.pth")
+def pretrain_once(train, pre_name: str, folder: str, env, log, say: str, fold: int = 0) -> tuple:
+    """The pretraining of ``fold`` (0; another fold with the same split is an independent repeat) into ``folder``
+    (the trainer's results folder) unless its checkpoint_final.pth is there (a stopped one continues with --c);
+    returns (the finetuning's ``-pretrained_weights`` arguments, seconds spent). ``say`` is printed before a
+    pretraining starts."""
+    ckpt = os.path.join(folder, f"fold_{fold}", "checkpoint_final.pth")
     t_pre = 0.0
     if not os.path.isfile(ckpt):
         print(say, flush=True)
         t0 = time.time()
-        run(train(pre_name, 0) + _continue(os.path.dirname(ckpt)), env, log, echo=epoch_echo())
+        run(train(pre_name, fold) + _continue(os.path.dirname(ckpt)), env, log, echo=epoch_echo())
         t_pre = time.time() - t0
     return ["-pretrained_weights", ckpt], t_pre
 

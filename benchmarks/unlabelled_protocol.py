@@ -14,11 +14,14 @@ permutation seeded with 0, nested). One dataset per N (ids 960, 961, 962), becau
 to a dataset. Per N: TopoMAE pretraining on fold 0 (5 labelled + N unlabelled images; validation on the 40),
 then the hybrid finetuning on the 5 labelled cases, with the cpu tier's budgets of benchmarks/run.py
 (pretraining 1000 steps, finetuning 2500). Seeds are repeated finetunings under other fold numbers with the
-same split, as in run.py; one pretraining per N. nnU-Net from scratch on the same 5 cases (``scratch_nnunet``,
+same split, as in run.py, from one pretraining per N (its fold 0); seed 3 with 155 is the exception: a second,
+independent pretraining (the pretraining trainer's fold 1, same split) and its finetuning, which measures how
+much one pretraining run differs from the next. nnU-Net from scratch on the same 5 cases (``scratch_nnunet``,
 in the N = 0 dataset: it never reads unlabelled cases) anchors the gains.
 
-Runs (``RUNS``): TopoMAE with 155 unlabelled, 3 seeds; with 0 and 40, one seed; nnU-Net from scratch, one
-seed (the label-hiding benchmark has three more of it on the same cases). Resumable: a finished run is not
+Runs (``RUNS``): TopoMAE with 155 unlabelled, seeds 0-2 from one pretraining and seed 3 from another; with 0
+and 40, one seed; nnU-Net from scratch, one seed (the label-hiding benchmark has three more of it on the same
+cases). Resumable: a finished run is not
 rerun, a stopped one continues with ``--c``. Writes ``unlabelled_protocol.json`` and ``unlabelled_protocol.md`` into
 ``--out`` (not run.py's ``results.*``: the two scripts can share an ``--out`` folder and its dataset 950, and run.py
 would take these records for its own); the report also compares with the label-hiding protocol's TopoMAE runs
@@ -44,8 +47,9 @@ from nnunet_topomae.workflow import nnunet_command, nnunet_env, run  # noqa: E40
 
 COUNTS = (0, 40, 155)
 FIRST_ID = 960  # + index of the count in COUNTS
-# (arm, unlabelled images, seeds), breadth first by seed as in run.py
-RUNS = [("topomae", 155, 3), ("scratch_nnunet", 0, 1), ("topomae", 0, 1), ("topomae", 40, 1)]
+# (arm, unlabelled images, seeds, the pretraining's fold), breadth first by seed as in run.py
+RUNS = [("topomae", 155, (0, 1, 2), 0), ("scratch_nnunet", 0, (0,), None), ("topomae", 0, (0,), 0),
+        ("topomae", 40, (0,), 0), ("topomae", 155, (3,), 1)]
 PLANS = "nnUNetPlansCPU"
 RESULTS, REPORT = "unlabelled_protocol.json", "unlabelled_protocol.md"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,6 +57,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def dataset_id(count: int) -> int:
     return FIRST_ID + COUNTS.index(count)
+
+
+def split_folds(count: int) -> int:
+    """How many identical folds the split of the dataset with ``count`` unlabelled images needs: one per fold
+    number that a finetuning seed or a pretraining repeat of ``RUNS`` uses."""
+    return 1 + max(max(max(seeds), p or 0) for _, n, seeds, p in RUNS if n == count)
 
 
 def unlabelled_order(train: List[str], labelled: List[str]) -> List[str]:
@@ -141,12 +151,13 @@ def write_report(results: List[dict], reference: List[dict], out: str) -> str:
         a = anchors[0]
         lines += ["", f"Paired with nnU-Net from scratch on the same 5 cases ({a.get('source', 'this protocol')}, seed "
                       f"{a['seed']}), case by case over the 40 validation cases (Dice points, 95 % bootstrap interval):", "",
-                  "| arm | unlabelled | seed | difference | 95 % interval | cases better |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| arm | unlabelled | seed | pretraining (fold) | difference | 95 % interval | cases better |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in sorted(results, key=lambda r: (r["unlabelled"], r["seed"])):
             if r["arm"] == "scratch_nnunet":
                 continue
             p = bench.paired_difference(a["per_case"], r["per_case"])
-            lines.append(f"| {r['arm']} | {r['unlabelled']} | {r['seed']} | {100 * p['mean']:+.2f} | "
+            lines.append(f"| {r['arm']} | {r['unlabelled']} | {r['seed']} | {r.get('pretrain_fold', 0)} | {100 * p['mean']:+.2f} | "
                          f"{100 * p['lo']:+.2f} to {100 * p['hi']:+.2f} | {p['better']} of {p['cases']} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, REPORT), "w") as f:
@@ -185,12 +196,12 @@ def main(argv=None) -> int:
         sys.exit(f"unlabelled protocol: the 5 labelled cases {labelled} differ from the label-hiding benchmark's "
                  f"({published}); the comparison would not be paired")
     order = unlabelled_order(list(split["subsets"]["all"]), labelled)
-    runs = [(a, n, s) for a, n, seeds in RUNS for s in range(seeds)
+    runs = [(a, n, s, p) for a, n, seeds, p in RUNS for s in seeds
             if (args.counts is None or n in args.counts) and (args.only is None or a in args.only)
             and (args.seeds is None or s in args.seeds)]
-    max_seeds = {n: max(s for a, m, s in RUNS if m == n) for _, n, _ in RUNS}
+    max_seeds = {n: split_folds(n) for _, n, _, _ in RUNS}
     datasets = {n: make_dataset(env, log, os.path.join(env["nnUNet_raw"], source), bench.DATASET_ID, n, labelled, val,
-                                order, max_seeds[n]) for n in sorted({n for _, n, _ in runs})}
+                                order, max_seeds[n]) for n in sorted({n for _, n, _, _ in runs})}
     with open(os.path.join(out, "protocol.json"), "w") as f:
         json.dump(dict(labelled=labelled, val=val, unlabelled_order=order, datasets={str(k): v for k, v in datasets.items()},
                        budgets=dict(pretrain_steps=tier["pretrain_steps"], finetune_steps=tier["finetune_steps"])), f, indent=1)
@@ -199,7 +210,7 @@ def main(argv=None) -> int:
     results_path = os.path.join(out, RESULTS)
     results: List[dict] = json.load(open(results_path)) if os.path.isfile(results_path) else []
     done = {(r["arm"], r["unlabelled"], r["seed"]) for r in results}
-    for arm, n, seed in sorted(runs, key=lambda r: r[2]):
+    for arm, n, seed, pre_fold in sorted(runs, key=lambda r: r[2]):
         if (arm, n, seed) in done:
             continue
         did, name = dataset_id(n), datasets[n]
@@ -211,13 +222,15 @@ def main(argv=None) -> int:
         if pre is not None:
             extra, t_pre = bench.pretrain_once(
                 train, names[("pre", arm)], os.path.join(res_root, f"{names[('pre', arm)]}__{PLANS}__3d_fullres"), env, log,
-                f"pretraining {names[('pre', arm)]} on 5 labelled + {n} unlabelled images ({name})")
+                f"pretraining {names[('pre', arm)]} (fold {pre_fold}) on 5 labelled + {n} unlabelled images ({name})",
+                fold=pre_fold)
         print(f"{arm}, {n} unlabelled, seed {seed} (fold {seed}): {names[('fine', arm)]}", flush=True)
         folder = os.path.join(res_root, f"{names[('fine', arm)]}__{PLANS}__3d_fullres", f"fold_{seed}")
         t0 = time.time()
         summary = bench.finetune_once(train, names[("fine", arm)], seed, folder, extra, env, log)
         m = json.load(open(summary))
-        rec = dict(arm=arm, unlabelled=n, seed=seed, fold=seed, dataset=name, labelled_cases=len(labelled),
+        rec = dict(arm=arm, unlabelled=n, seed=seed, fold=seed, pretrain_fold=pre_fold, dataset=name,
+                   labelled_cases=len(labelled),
                    mean_dice=float(m["foreground_mean"]["Dice"]), dice={k: v["Dice"] for k, v in m["mean"].items()},
                    per_case=bench.per_case_dice(m), steps=tier["finetune_steps"],
                    pretrain_steps=bench.pretrain_steps(arm, tier), train_seconds=round(time.time() - t0, 1),

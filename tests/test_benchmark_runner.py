@@ -302,6 +302,15 @@ def test_unlabelled_protocol_images_are_the_other_training_cases_nested_and_fixe
     assert [proto.dataset_id(n) for n in proto.COUNTS] == [960, 961, 962]
 
 
+def test_unlabelled_protocol_repeats_one_pretraining_and_has_a_fold_for_every_run():
+    """Issue 25's gap to label hiding: seeds 0-2 with 155 images finetune one pretraining, seed 3 another one
+    (the pretraining trainer's fold 1); every fold number used exists in the dataset's split."""
+    proto = load_script("unlabelled_protocol")
+    at155 = {(s, p) for a, n, seeds, p in proto.RUNS if a == "topomae" and n == 155 for s in seeds}
+    assert at155 == {(0, 0), (1, 0), (2, 0), (3, 1)}
+    assert proto.split_folds(155) == 4 and proto.split_folds(0) == 1 and proto.split_folds(40) == 1
+
+
 def test_unlabelled_protocol_report_pairs_each_run_with_nnunet(tmp_path):
     proto = load_script("unlabelled_protocol")
     cases = {f"c{i}.nii.gz": 0.80 + 0.01 * (i % 3) for i in range(8)}
@@ -312,14 +321,14 @@ def test_unlabelled_protocol_report_pairs_each_run_with_nnunet(tmp_path):
     text = proto.write_report(results, reference, str(tmp_path))
     assert "| topomae | 155 | 5 + 155 | 1 | 0.8200 |" in text
     assert "| topomae, label hiding (run.py) |" in text
-    assert "| topomae | 155 | 0 | +2.00 |" in text and "| topomae | 0 | 0 | -1.00 |" in text
+    assert "| topomae | 155 | 0 | 0 | +2.00 |" in text and "| topomae | 0 | 0 | 0 | -1.00 |" in text
     assert open(tmp_path / "unlabelled_protocol.md").read() == text
     assert not (tmp_path / "results.md").exists()  # run.py's file names stay run.py's
     # only label-hiding anchors: paired with the first that has per-case Dice (older records have none)
     old = [dict(arm="scratch_nnunet", unlabelled=None, seed=0, mean_dice=0.8, subset="5")]
     text = proto.write_report([rec("topomae", 155, 0, 0.02)], old + [dict(rec("scratch_nnunet", None, 1, 0.0),
                                                                         source="label-hiding benchmark")], str(tmp_path))
-    assert "(label-hiding benchmark, seed 1)" in text and "| topomae | 155 | 0 | +2.00 |" in text
+    assert "(label-hiding benchmark, seed 1)" in text and "| topomae | 155 | 0 | 0 | +2.00 |" in text
 
 
 def test_pretrain_once_and_finetune_once_resume_the_nnunet_way(runner, tmp_path, monkeypatch):
@@ -337,6 +346,9 @@ def test_pretrain_once_and_finetune_once_resume_the_nnunet_way(runner, tmp_path,
     assert calls.pop() == ["P", "0", "--c"]
     (pre / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
     assert runner.pretrain_once(train, "P", str(pre), {}, "log", "pretraining")[1] == 0.0 and not calls
+    # a second, independent pretraining is another fold of the same trainer, with its own checkpoint
+    extra1, _ = runner.pretrain_once(train, "P", str(pre), {}, "log", "pretraining", fold=1)
+    assert calls.pop() == ["P", "1"] and extra1 == ["-pretrained_weights", str(pre / "fold_1" / "checkpoint_final.pth")]
 
     fold = tmp_path / "fine" / "fold_5"
     summary = runner.finetune_once(train, "F", 5, str(fold), extra, {}, "log")
