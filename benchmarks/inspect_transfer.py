@@ -20,7 +20,7 @@ from collections import defaultdict
 
 import torch
 
-from nnunet_topomae.transfer import pretrained_part
+from nnunet_topomae.trainers.transfer import pretrained_part
 from nnunet_topomae.utils.checkpoint import safe_load
 
 

@@ -361,7 +361,7 @@ def run(args: argparse.Namespace, launch: Launch, device_type: str) -> None:
         f"seeds {shared['seed']} + rank" + (f"; {note}" if note else ""))
     if args.disable_checkpointing:
         trainer.disable_checkpointing = True
-    # through the module attribute: nnunet_topomae.transfer wraps it (--c with -pretrained_weights)
+    # through the module attribute: nnunet_topomae.trainers.transfer wraps it (--c with -pretrained_weights)
     nnunet_run.maybe_load_checkpoint(trainer, continue_training, args.val, pretrained_weights)
     if device_type == "cuda":
         cudnn.deterministic = False

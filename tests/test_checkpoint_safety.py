@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_topomae import transfer
+from nnunet_topomae.trainers import transfer
 from nnunet_topomae.errors import UserInputError
 from nnunet_topomae.inspect_checkpoint import describe, format_info, inspect_file
 from nnunet_topomae.trainers.common import PRETRAINED_START_FILE, PretrainedStartMixin

@@ -73,7 +73,7 @@ def test_octant_targets_stay_bounded_for_a_tiny_case():
 
 def test_spatial_head_and_loss_shapes():
     head = SpatialHead(8, hidden=16)
-    assert head(torch.randn(3, 8)).shape == (3, 27)
+    assert head(torch.randn(3, 8)).shape == (3, 27) and NUM_SPATIAL_TARGETS == 27  # the head's default fits the targets
     assert head(torch.randn(3, 8, 2, 3, 4)).shape == (3, 27)  # feature maps are mean-pooled
     p, t = torch.zeros(2, 27), torch.ones(2, 27)
     assert spatial_loss(p, t).item() == pytest.approx(1.0)

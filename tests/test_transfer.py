@@ -5,7 +5,7 @@ import pytest
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_topomae import transfer
+from nnunet_topomae.trainers import transfer
 from nnunet_topomae.errors import UserInputError
 from nnunet_topomae.trainers import (nnUNetTrainerMAEPretrain, nnUNetTrainerTopoMAEFinetune,
                                      nnUNetTrainerTopoMAEPretrain)

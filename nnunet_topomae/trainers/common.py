@@ -134,7 +134,7 @@ class PretrainedStartMixin:
 
     nnU-Net forbids ``--c`` with ``-pretrained_weights``, and ``--c`` without a checkpoint silently starts
     a *new* training, which for a finetuning run means from scratch. Here (through the hook that
-    ``nnunet_topomae.transfer`` installs on nnU-Net's ``maybe_load_checkpoint``):
+    ``nnunet_topomae.trainers.transfer`` installs on nnU-Net's ``maybe_load_checkpoint``):
 
     - a start remembers how it started in ``fold_X/pretrained_start.json`` (the weights file and its
       SHA-256, or ``null`` for a from-scratch start);

@@ -24,7 +24,7 @@ from typing import Union
 from nnunetv2.training.nnUNetTrainer.variants.lr_schedule.nnUNetTrainer_warmup import nnUNetTrainer_warmup
 
 from nnunet_topomae.trainers.common import PretrainedStartMixin, TopoMAETrainerMixin
-from nnunet_topomae.transfer import install_pretrained_weights_hook, load_with_stock_rules
+from nnunet_topomae.trainers.transfer import install_pretrained_weights_hook, load_with_stock_rules
 
 install_pretrained_weights_hook()
 

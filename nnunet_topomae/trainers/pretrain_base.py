@@ -35,7 +35,7 @@ from torch import distributed as dist
 from nnunet_topomae.data.pretrain_loader import PretrainDataLoader, cases_smaller_than_patch, intensity_transforms
 from nnunet_topomae.data.unlabelled import CombinedDataset, complete_cases, unlabelled_folder
 from nnunet_topomae.errors import UserInputError
-from nnunet_topomae.transfer import plan_fingerprint
+from nnunet_topomae.trainers.transfer import plan_fingerprint
 from nnunet_topomae.trainers.common import TopoMAETrainerMixin
 from nnunet_topomae.utils.ddp import worker_seeds
 from nnunet_topomae.utils.lr_schedule import WarmupCosineLR

@@ -20,7 +20,7 @@ from nnunet_topomae.architectures.hybrid_net import HybridViTUNet
 from nnunet_topomae.errors import UserInputError
 from nnunet_topomae.trainers.common import PretrainedStartMixin, TopoMAETrainerMixin
 from nnunet_topomae.trainers.topomae_pretrain import build_plan_cnn, vit_config_from_plan
-from nnunet_topomae.transfer import (check_compatibility, install_pretrained_weights_hook, plan_fingerprint,
+from nnunet_topomae.trainers.transfer import (check_compatibility, install_pretrained_weights_hook, plan_fingerprint,
                                      read_pretraining_checkpoint, select_transfer)
 from nnunet_topomae.utils.lr_schedule import WarmupCosineLR
 
@@ -34,7 +34,7 @@ class nnUNetTrainerTopoMAEFinetune(PretrainedStartMixin, TopoMAETrainerMixin, nn
     vit_lr_scale: float = 0.3
     # pretrained CNN (encoder and decoder); fusion layers and segmentation heads always get the full rate
     cnn_lr_scale: float = 1.0
-    # which pretrained parts -pretrained_weights loads (nnunet_topomae.transfer.PRETRAINED_PARTS); the rest start fresh
+    # which pretrained parts -pretrained_weights loads (nnunet_topomae.trainers.transfer.PRETRAINED_PARTS); the rest start fresh
     transfer_parts: tuple = ("ViT encoder", "CNN encoder", "CNN decoder")
     finetune_weight_decay: float = 1e-4
     vit_weight_decay: float = 0.05
@@ -65,7 +65,7 @@ class nnUNetTrainerTopoMAEFinetune(PretrainedStartMixin, TopoMAETrainerMixin, nn
 
     def initialize(self):
         super().initialize()
-        # picked up by the -pretrained_weights hook installed above (nnunet_topomae.transfer)
+        # picked up by the -pretrained_weights hook installed above (nnunet_topomae.trainers.transfer)
         self._unwrapped_network().pretrained_loader = self.load_pretraining_checkpoint
 
     def set_deep_supervision_enabled(self, enabled: bool):

@@ -1,7 +1,7 @@
 """What DDP costs on the CPU: training steps of one global batch in one process against the same global batch
 split over gloo ranks on the same machine (docs/BENCHMARKS.md, "torchrun on the CPU").
 
-    python -m nnunet_topomae.utils.ddp_bench --trainer topomae --global-batch 4 --ranks 2 --steps 8 --repeats 3
+    python -m nnunet_topomae.ddp_bench --trainer topomae --global-batch 4 --ranks 2 --steps 8 --repeats 3
 
 Both sides build the trainer through nnU-Net's ``initialize`` (DDP wrapping, per-rank batch size) on a
 Hippocampus-sized synthetic plan (patch 40x56x40, nnU-Net's CNN 32-256 wide); the batch is random data
