@@ -42,6 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # noqa: E402  (benchmarks/run.py: the label-hiding runner this protocol mirrors)
 
+from nnunet_topomae.data.unlabelled import unlabelled_folder  # noqa: E402
 from nnunet_topomae.errors import UserInputError  # noqa: E402
 from nnunet_topomae.workflow import nnunet_command, nnunet_env, run  # noqa: E402
 
@@ -117,6 +118,30 @@ def make_dataset(env, log, source_raw: str, source_id: int, count: int, labelled
         run([nnunet_command("nnunet-topomae"), "add-unlabelled", "-d", str(did), "-i", folder, "-c", "3d_fullres",
              "-p", PLANS, "-np", "1", "--no-progress"], env, log)
     return name
+
+
+def same_as_label_hiding(source_folder: str, unlabelled: str) -> dict:
+    """Each unlabelled case of ``add-unlabelled`` against the same case as nnU-Net preprocessed it for the
+    label-hiding benchmark (``source_folder``): how many have the same image array and the same properties
+    (bar ``class_locations``, which only a labelled case has), and the largest absolute difference. The two
+    protocols can only differ in the data if this finds a difference."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunet_topomae.data.unlabelled import complete_cases
+
+    ids = complete_cases(unlabelled)
+    a = infer_dataset_class(source_folder)(source_folder, ids)
+    b = infer_dataset_class(unlabelled)(unlabelled, ids)
+    same, same_props, worst = 0, 0, 0.0
+    for case in ids:
+        x, _, _, px = a.load_case(case)
+        y, _, _, py = b.load_case(case)
+        x, y = np.asarray(x), np.asarray(y)
+        d = float(np.abs(x.astype(np.float64) - y).max()) if x.shape == y.shape else float("inf")
+        worst = max(worst, d)
+        same += d == 0.0
+        px = {k: v for k, v in px.items() if k != "class_locations"}
+        same_props += repr(px) == repr({k: v for k, v in py.items() if k != "class_locations"})
+    return dict(cases=len(ids), identical_images=int(same), identical_properties=int(same_props), max_abs_diff=worst)
 
 
 def label_hiding_reference(path: str) -> List[dict]:
@@ -205,6 +230,15 @@ def main(argv=None) -> int:
     with open(os.path.join(out, "protocol.json"), "w") as f:
         json.dump(dict(labelled=labelled, val=val, unlabelled_order=order, datasets={str(k): v for k, v in datasets.items()},
                        budgets=dict(pretrain_steps=tier["pretrain_steps"], finetune_steps=tier["finetune_steps"])), f, indent=1)
+    if 155 in datasets:
+        ident_check = same_as_label_hiding(os.path.join(source_pre, ident), unlabelled_folder(
+            os.path.join(env["nnUNet_preprocessed"], datasets[155]), ident))
+        print(f"add-unlabelled's cases against the label-hiding benchmark's: {ident_check}", flush=True)
+        with open(os.path.join(out, "protocol.json")) as f:
+            info = json.load(f)
+        info["same_as_label_hiding"] = ident_check
+        with open(os.path.join(out, "protocol.json"), "w") as f:
+            json.dump(info, f, indent=1)
     if args.prepare_only:
         return 0
     results_path = os.path.join(out, RESULTS)

@@ -4,6 +4,7 @@ import ast
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -364,3 +365,25 @@ def test_pretrain_once_and_finetune_once_resume_the_nnunet_way(runner, tmp_path,
     (fold / "validation" / "summary.json").write_text("{}")
     runner.finetune_once(train, "F", 5, str(fold), extra, {}, "log")
     assert not calls
+
+
+def test_unlabelled_protocol_compares_the_preprocessed_cases_with_label_hiding(tmp_path):
+    """The check behind "the two protocols read the same data": equal arrays and properties count as identical,
+    one changed voxel is found and measured, class_locations (labelled cases only) is not compared."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    proto = load_script("unlabelled_protocol")
+    src, unl = tmp_path / "src", tmp_path / "unl"
+    src.mkdir(), unl.mkdir()
+    rng = np.random.default_rng(0)
+    for case in ("a", "b"):
+        img = rng.normal(size=(1, 6, 7, 8)).astype(np.float32)
+        props = dict(spacing=[1.0, 1.0, 1.0], shape_before_cropping=(6, 7, 8))
+        seg = np.zeros((1, 6, 7, 8), np.int8)
+        nnUNetDatasetBlosc2.save_case(img, seg, dict(props, class_locations={1: []}), str(src / case))
+        if case == "b":
+            img = img.copy()
+            img[0, 1, 2, 3] += 0.25
+        nnUNetDatasetBlosc2.save_case(img, seg, props, str(unl / case))
+    r = proto.same_as_label_hiding(str(src), str(unl))
+    assert r["cases"] == 2 and r["identical_images"] == 1 and r["identical_properties"] == 2
+    assert r["max_abs_diff"] == pytest.approx(0.25)
