@@ -387,3 +387,31 @@ def test_unlabelled_protocol_compares_the_preprocessed_cases_with_label_hiding(t
     r = proto.same_as_label_hiding(str(src), str(unl))
     assert r["cases"] == 2 and r["identical_images"] == 1 and r["identical_properties"] == 2
     assert r["max_abs_diff"] == pytest.approx(0.25)
+
+
+def test_topo_distance_exact_scores_with_the_exact_loss():
+    """--exact (issue 24): the scoring trainer's loss and its loader's input persistence lose pooling and pair
+    budget, and the loss then equals the exact reference on a volume the default would pool and cut."""
+    import torch
+    from nnunet_topomae.losses.topological import topological_loss_single
+    from nnunet_topomae.trainers.topomae_pretrain import nnUNetTrainerTopoMAEPretrain
+    mod = load_script("topo_distance")
+    trainer = object.__new__(nnUNetTrainerTopoMAEPretrain)
+    trainer.topo_workers = 0
+    mod.score_with_exact_loss(trainer)
+    loss = nnUNetTrainerTopoMAEPretrain._build_loss(trainer).topo_loss
+    assert (loss.max_size, loss.max_voxels, loss.max_pairs, loss.pair_mass) == (None, None, None, None)
+    pfn = loss.input_persistence()
+    assert (pfn.max_size, pfn.max_voxels, pfn.max_pairs, pfn.pair_mass) == (None, None, None, None)
+    rng = np.random.default_rng(0)
+    from scipy.ndimage import gaussian_filter
+    image = gaussian_filter(rng.random((40, 8, 8)), 1.5).astype(np.float32)  # > 32 voxels on one axis: pooled by default
+    recon = (image + 0.02 * rng.standard_normal(image.shape)).astype(np.float32)
+    value = loss.per_volume(torch.from_numpy(recon)[None, None], torch.from_numpy(image)[None, None])[0, 0].item()
+    exact = topological_loss_single(torch.from_numpy(recon).double(), image.astype(np.float64)).item()
+    assert value == pytest.approx(exact, rel=1e-4)
+    default = object.__new__(nnUNetTrainerTopoMAEPretrain)
+    default.topo_workers = 0
+    pooled = nnUNetTrainerTopoMAEPretrain._build_loss(default).topo_loss
+    assert pooled.per_volume(torch.from_numpy(recon)[None, None],
+                             torch.from_numpy(image)[None, None])[0, 0].item() != pytest.approx(exact, rel=0.05)
