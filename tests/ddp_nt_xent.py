@@ -33,6 +33,9 @@ def _worker(rank, sizes, port, path):
         if rank == 0:
             torch.save({"loss": loss.detach(), "grad": lin.weight.grad.clone()}, path)
     finally:
+        # both ranks done with their collectives before gloo tears down: without it, rank 0 sometimes aborted
+        # ("terminate called without an active exception") while the other rank was still in DDP's all-reduce
+        dist.barrier()
         dist.destroy_process_group()
 
 
