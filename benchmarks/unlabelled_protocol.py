@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # noqa: E402  (benchmarks/run.py: the label-hiding runner this protocol mirrors)
 
-from nnunet_topomae.data.unlabelled import unlabelled_folder  # noqa: E402
+from nnunet_topomae.data.unlabelled import complete_cases, unlabelled_folder  # noqa: E402
 from nnunet_topomae.errors import UserInputError  # noqa: E402
 from nnunet_topomae.workflow import nnunet_command, nnunet_env, run  # noqa: E402
 
@@ -73,9 +73,9 @@ def unlabelled_order(train: List[str], labelled: List[str]) -> List[str]:
 
 
 def make_dataset(env, log, source_raw: str, source_id: int, count: int, labelled: List[str], val: List[str],
-                 unlabelled: List[str], seeds: int) -> str:
+                 unlabelled: List[str], folds: int) -> str:
     """Raw dataset of the labelled + validation cases (links), the source's plans moved over, nnU-Net's
-    preprocessing, a split with ``seeds`` identical folds (5 train / 40 val), and ``count`` unlabelled images
+    preprocessing, a split with ``folds`` identical folds (5 train / 40 val), and ``count`` unlabelled images
     added with add-unlabelled. Idempotent; returns the dataset name."""
     did = dataset_id(count)
     name = f"Dataset{did:03d}_HippocampusUnl{count}"
@@ -107,7 +107,7 @@ def make_dataset(env, log, source_raw: str, source_id: int, count: int, labelled
         run([nnunet_command("nnUNetv2_preprocess"), "-d", str(did), "-plans_name", PLANS, "-c", "3d_fullres",
              "-np", "1"], env, log)
     with open(os.path.join(pre, "splits_final.json"), "w") as f:
-        json.dump([{"train": sorted(labelled), "val": sorted(val)} for _ in range(max(seeds, 1))], f, indent=1)
+        json.dump([{"train": sorted(labelled), "val": sorted(val)} for _ in range(max(folds, 1))], f, indent=1)
     if count:
         folder = os.path.join(os.path.dirname(env["nnUNet_raw"]), "unlabelled_images", str(count))
         os.makedirs(folder, exist_ok=True)
@@ -126,7 +126,6 @@ def same_as_label_hiding(source_folder: str, unlabelled: str) -> dict:
     (bar ``class_locations``, which only a labelled case has), and the largest absolute difference. The two
     protocols can only differ in the data if this finds a difference."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunet_topomae.data.unlabelled import complete_cases
 
     ids = complete_cases(unlabelled)
     a = infer_dataset_class(source_folder)(source_folder, ids)
@@ -224,21 +223,17 @@ def main(argv=None) -> int:
     runs = [(a, n, s, p) for a, n, seeds, p in RUNS for s in seeds
             if (args.counts is None or n in args.counts) and (args.only is None or a in args.only)
             and (args.seeds is None or s in args.seeds)]
-    max_seeds = {n: split_folds(n) for _, n, _, _ in RUNS}
     datasets = {n: make_dataset(env, log, os.path.join(env["nnUNet_raw"], source), bench.DATASET_ID, n, labelled, val,
-                                order, max_seeds[n]) for n in sorted({n for _, n, _, _ in runs})}
+                                order, split_folds(n)) for n in sorted({n for _, n, _, _ in runs})}
+    info = dict(labelled=labelled, val=val, unlabelled_order=order, datasets={str(k): v for k, v in datasets.items()},
+                budgets=dict(pretrain_steps=tier["pretrain_steps"], finetune_steps=tier["finetune_steps"]))
+    largest = max(COUNTS)  # the counts' images are nested: its dataset holds every added case
+    if largest in datasets:
+        info["same_as_label_hiding"] = same_as_label_hiding(os.path.join(source_pre, ident), unlabelled_folder(
+            os.path.join(env["nnUNet_preprocessed"], datasets[largest]), ident))
+        print(f"add-unlabelled's cases against the label-hiding benchmark's: {info['same_as_label_hiding']}", flush=True)
     with open(os.path.join(out, "protocol.json"), "w") as f:
-        json.dump(dict(labelled=labelled, val=val, unlabelled_order=order, datasets={str(k): v for k, v in datasets.items()},
-                       budgets=dict(pretrain_steps=tier["pretrain_steps"], finetune_steps=tier["finetune_steps"])), f, indent=1)
-    if 155 in datasets:
-        ident_check = same_as_label_hiding(os.path.join(source_pre, ident), unlabelled_folder(
-            os.path.join(env["nnUNet_preprocessed"], datasets[155]), ident))
-        print(f"add-unlabelled's cases against the label-hiding benchmark's: {ident_check}", flush=True)
-        with open(os.path.join(out, "protocol.json")) as f:
-            info = json.load(f)
-        info["same_as_label_hiding"] = ident_check
-        with open(os.path.join(out, "protocol.json"), "w") as f:
-            json.dump(info, f, indent=1)
+        json.dump(info, f, indent=1)
     if args.prepare_only:
         return 0
     results_path = os.path.join(out, RESULTS)

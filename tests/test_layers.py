@@ -12,7 +12,7 @@ import pytest
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nnunet_topomae")
 LAYER = {"errors": 0, "masking": 0, "utils": 0, "losses": 1, "architectures": 1, "evaluation": 1, "data": 2,
          "trainers": 3, "ext_trainers": 4}
-TOP = 4  # every other top-level module is a command or workflow (cli, bench, demo, workflow, transfer, ...)
+TOP = 4  # every other top-level module is a command or workflow (cli, bench, demo, workflow, distributed, ...)
 
 
 def _part(module: str) -> str:
@@ -34,8 +34,10 @@ def _imports():
             rel = os.path.relpath(path, os.path.dirname(PKG))[:-3].replace(os.sep, ".")
             for node in ast.walk(ast.parse(open(path).read())):
                 if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nnunet_topomae"):
-                    targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-                    yield rel, targets[0] if node.module != "nnunet_topomae" else targets[1]
+                    if node.module == "nnunet_topomae":  # from nnunet_topomae import bench, demo: each a module
+                        yield from ((rel, f"nnunet_topomae.{a.name}") for a in node.names)
+                    else:
+                        yield rel, node.module
                 elif isinstance(node, ast.Import):
                     for a in node.names:
                         if a.name.startswith("nnunet_topomae."):
@@ -45,6 +47,8 @@ def _imports():
 def test_the_walk_finds_the_package_imports():
     found = list(_imports())
     assert ("nnunet_topomae.architectures.topomae_net", "nnunet_topomae.architectures.vit3d") in found
+    # every name of a "from nnunet_topomae import a, b" counts, not only the first
+    assert {("nnunet_topomae.cli", "nnunet_topomae.bench"), ("nnunet_topomae.cli", "nnunet_topomae.demo")} <= set(found)
     assert len(found) > 50
 
 
