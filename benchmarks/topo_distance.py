@@ -2,7 +2,7 @@
 """How far are a pretraining checkpoint's reconstructions from the inputs' topology? A diagnostic.
 
     python benchmarks/topo_distance.py -d DATASET [-c 3d_fullres] [-p PLANS] NAME=CHECKPOINT [NAME=CHECKPOINT ...]
-        [--batches 20] [--exact] [--json OUT]
+        [--batches 20] [--exact] [--backend gudhi|cripser] [--json OUT]
 
 Every checkpoint (of ``nnUNetTrainerTopoMAEPretrain`` or one of its variants, including ``_noTopo``,
 whose training never computed the term) is scored with TopoMAE's own loss (``w_topo = 0.1``) on the
@@ -13,16 +13,18 @@ lowers it, or whether learning to reconstruct lowers it anyway.
 
 ``--exact`` scores with the exact loss instead of the trained default (issue 24): persistence at full
 resolution and every diagram point matched (``EXACT``), so checkpoints pretrained with different loss
-settings (the default, ``_faithfulTopo``) are compared on the paper's term. Seconds per volume.
+settings (the default, ``_faithfulTopo``) are compared on the paper's term. ``--backend cripser`` computes the
+same diagrams faster (the optional extra). The seconds each checkpoint's scoring took are printed and recorded.
 
-nnUNet_raw / nnUNet_preprocessed / nnUNet_results as for nnUNetv2_train; the data loading runs in
-this process (nnUNet_n_proc_DA is set to 0 here).
+nnUNet_raw / nnUNet_preprocessed / nnUNet_results as for nnUNetv2_train (nnUNet_extTrainer is set here); the
+data loading runs in this process (nnUNet_n_proc_DA is set to 0 here).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import time
 
 import numpy as np
 
@@ -31,11 +33,12 @@ TERMS = ("topo_vit", "topo_cnn", "rec_vit", "rec_cnn")
 EXACT = dict(topo_max_size=None, topo_max_voxels=None, topo_max_pairs=None, topo_pair_mass=None)
 
 
-def score_with_exact_loss(trainer) -> None:
+def score_with_exact_loss(trainer, backend: str = "gudhi") -> None:
     """Before ``initialize``: the trainer's loss (and its loader's input persistence, built from the same
-    settings) becomes the exact one."""
+    settings) becomes the exact one; ``backend`` only changes how fast the same diagrams are computed."""
     for k, v in EXACT.items():
         setattr(trainer, k, v)
+    trainer.topo_backend = backend
 
 
 def main(argv=None) -> int:
@@ -47,6 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--exact", action="store_true",
                    help="score with the exact topological loss (full resolution, every point) instead of the default")
+    p.add_argument("--backend", choices=("gudhi", "cripser"), default="gudhi",
+                   help="persistence backend of the scoring loss (same diagrams; cripser is the faster optional extra)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     named = []
@@ -57,6 +62,8 @@ def main(argv=None) -> int:
         named.append((name, path))
 
     os.environ["nnUNet_n_proc_DA"] = "0"
+    from nnunet_topomae.utils.ext_trainer import ext_trainer_value
+    os.environ["nnUNet_extTrainer"] = ext_trainer_value(os.environ.get("nnUNet_extTrainer"))  # nnU-Net finds our trainers
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunet_topomae.utils.checkpoint import safe_load
@@ -64,7 +71,9 @@ def main(argv=None) -> int:
     trainer = get_trainer_from_args(args.dataset, args.configuration, 0, "nnUNetTrainerTopoMAEPretrain", args.plans,
                                     device=torch.device("cpu"))
     if args.exact:
-        score_with_exact_loss(trainer)
+        score_with_exact_loss(trainer, args.backend)
+    else:
+        trainer.topo_backend = args.backend
     trainer.initialize()
     trainer.loss.topo_loss.workers = 0  # persistence in this process: no pool for a few batches
     _, val = trainer.get_dataloaders()
@@ -75,6 +84,7 @@ def main(argv=None) -> int:
         trainer.network.load_state_dict(weights)
         trainer.network.eval()
         got = {t: [] for t in TERMS}
+        start = time.perf_counter()
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 torch.manual_seed(i)  # the same token masks for every checkpoint
@@ -83,7 +93,9 @@ def main(argv=None) -> int:
                     got[t].append(float(terms[t]))
         rows[name] = {t: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v} for t, v in got.items()}
         rows[name]["checkpoint"] = path
-        print(f"{name}: " + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in got.items()), flush=True)
+        rows[name]["seconds"] = seconds = time.perf_counter() - start
+        print(f"{name}: " + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in got.items())
+              + f" ({seconds:.0f} s for {len(batches)} batches)", flush=True)
 
     scored = "the exact loss" if args.exact else "the default loss"
     print(f"\n{args.batches} validation batches of fold 0, unweighted terms ({scored}), mean (std over batches):\n")

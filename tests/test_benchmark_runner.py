@@ -415,3 +415,7 @@ def test_topo_distance_exact_scores_with_the_exact_loss():
     pooled = nnUNetTrainerTopoMAEPretrain._build_loss(default).topo_loss
     assert pooled.per_volume(torch.from_numpy(recon)[None, None],
                              torch.from_numpy(image)[None, None])[0, 0].item() != pytest.approx(exact, rel=0.05)
+    # --backend only changes the solver: it reaches the loss, the exact settings stay
+    other = object.__new__(nnUNetTrainerTopoMAEPretrain)
+    mod.score_with_exact_loss(other, "cripser")
+    assert other.topo_backend == "cripser" and other.topo_max_pairs is None and other.topo_max_size is None
