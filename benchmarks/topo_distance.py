@@ -16,14 +16,16 @@ resolution and every diagram point matched (``EXACT``), so checkpoints pretraine
 settings (the default, ``_faithfulTopo``) are compared on the paper's term. ``--backend cripser`` computes the
 same diagrams faster (the optional extra). The seconds each checkpoint's scoring took are printed and recorded.
 
-nnUNet_raw / nnUNet_preprocessed / nnUNet_results as for nnUNetv2_train (nnUNet_extTrainer is set here); the
-data loading runs in this process (nnUNet_n_proc_DA is set to 0 here).
+nnUNet_raw / nnUNet_preprocessed as for nnUNetv2_train (nnUNet_extTrainer is set here, and nnUNet_results is a
+temporary folder: nothing is written beside the user's runs); the data loading runs in this process
+(nnUNet_n_proc_DA is set to 0 here).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -62,6 +64,9 @@ def main(argv=None) -> int:
         named.append((name, path))
 
     os.environ["nnUNet_n_proc_DA"] = "0"
+    # the scoring trainer writes a training log into its output folder: keep it out of the user's results
+    scratch = tempfile.TemporaryDirectory(prefix="topo_distance_")
+    os.environ["nnUNet_results"] = scratch.name
     from nnunet_topomae.utils.ext_trainer import ext_trainer_value
     os.environ["nnUNet_extTrainer"] = ext_trainer_value(os.environ.get("nnUNet_extTrainer"))  # nnU-Net finds our trainers
     import torch
