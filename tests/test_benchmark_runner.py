@@ -1,6 +1,7 @@
 """benchmarks/run.py: every arm trains into its own results folder (arms sharing a finetuning trainer
 once found each other's finished runs and reported them as their own)."""
 import ast
+import json
 import importlib.util
 import os
 
@@ -419,3 +420,30 @@ def test_topo_distance_exact_scores_with_the_exact_loss():
     other = object.__new__(nnUNetTrainerTopoMAEPretrain)
     mod.score_with_exact_loss(other, "cripser")
     assert other.topo_backend == "cripser" and other.topo_max_pairs is None and other.topo_max_size is None
+
+
+def test_compare_arms_pairs_by_seed_and_pools_over_seeds(tmp_path, capsys):
+    """compare_arms (issue 24's decision): per-seed paired differences on the same cases, the pooled mean is the
+    mean of the seeds', a later record of a seed replaces an earlier one, and no common seed is a clear error."""
+    mod = load_script("compare_arms")
+    cases = [f"c{i}.nii.gz" for i in range(8)]
+
+    def rec(arm, seed, values):
+        return dict(arm=arm, labelled_cases=5, seed=seed, mean_dice=float(np.mean(values)),
+                    per_case=dict(zip(cases, values)))
+    base = [0.80, 0.82, 0.78, 0.85, 0.81, 0.79, 0.83, 0.84]
+    old = [rec("a", 0, base), rec("b", 0, [v - 0.05 for v in base])]          # replaced below
+    new = [rec("b", 0, [v + 0.01 for v in base]), rec("a", 1, base), rec("b", 1, [v + 0.03 for v in base]),
+           rec("b", 2, base), rec("c", 0, base)]
+    f1, f2 = tmp_path / "old.json", tmp_path / "new.json"
+    f1.write_text(json.dumps(old))
+    f2.write_text(json.dumps(new))
+    assert mod.main([str(f1), str(f2), "--arm", "b", "--against", "a", "--json", str(tmp_path / "c.json")]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert [p["seed"] for p in c["per_seed"]] == [0, 1]           # seed 2 has no 'a' run
+    assert [round(p["mean"], 6) for p in c["per_seed"]] == [0.01, 0.03]
+    assert c["pooled"]["mean"] == pytest.approx(0.02) and c["pooled"]["cases"] == 8
+    assert c["pooled"]["lo"] == pytest.approx(0.02) and c["pooled"]["hi"] == pytest.approx(0.02)  # constant shifts
+    assert "| all 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no seed has per-case Dice"):
+        mod.main([str(f1), "--arm", "b", "--against", "c"])
