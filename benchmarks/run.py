@@ -444,7 +444,9 @@ def topo_metric_fields(summary: dict) -> dict:
     betti_b0/b1/b2_error per label): means over foreground classes and cases, and per class. The Betti error of
     a class is b0 + b1 + b2 error (averaged over cases)."""
     betti = lambda m: float(m["betti_b0_error"] + m["betti_b1_error"] + m["betti_b2_error"])
-    per_class = {k: v for k, v in summary["mean"].items()}
+    # str keys: a summary read back from JSON has them, one fresh from evaluate_folders has the labels' ints, and
+    # the report sorts the classes of old and new records together
+    per_class = {str(k): v for k, v in summary["mean"].items()}
     fm = summary["foreground_mean"]
     return dict(mean_hd95=float(fm["HD95"]), mean_nsd=float(fm["NSD"]), mean_betti_error=betti(fm),
                 hd95={k: float(v["HD95"]) for k, v in per_class.items()},

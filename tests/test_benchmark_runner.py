@@ -269,6 +269,18 @@ def test_topo_metrics_become_record_fields(runner):
     assert r["betti_errors"]["2"] == {"b0": 0.25, "b1": 1.0, "b2": 0.0}
 
 
+def test_a_fresh_evaluation_reports_beside_records_read_back(runner, tmp_path):
+    """evaluate_folders' summary in memory has int labels, one read back from results.json str ones; a new record
+    next to old ones once stopped the report with a TypeError (sorting 1 against '1')."""
+    m = lambda h: {"Dice": 0.9, "HD95": h, "NSD": 0.9, "betti_b0_error": 0.0, "betti_b1_error": 1.0, "betti_b2_error": 0.0}
+    fresh = runner.topo_metric_fields({"mean": {1: m(4.0), 2: m(6.0)}, "foreground_mean": m(5.0)})
+    assert set(fresh["hd95"]) == {"1", "2"}
+    old = json.loads(json.dumps(dict(arm="topomae", labelled_cases=5, mean_dice=0.83, seed=0, **fresh)))
+    new = dict(arm="topomae_faithfultopo", labelled_cases=5, mean_dice=0.84, seed=0, **fresh)
+    runner.write_report([old, new], str(tmp_path), quiet=True)
+    assert "| topomae_faithfultopo | 5 | 1 | 4.00 | 6.00 | 1.00 | 1.00 |" in (tmp_path / "results.md").read_text()
+
+
 def test_report_names_patients_and_adds_topo_columns_when_present(runner, tmp_path):
     results = [dict(arm="topomae", labelled_cases=10, labelled_patients=5, mean_dice=0.8, seed=0,
                     mean_hd95=3.0, mean_nsd=0.9, mean_betti_error=0.5),
