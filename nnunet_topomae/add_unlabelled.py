@@ -16,7 +16,6 @@ and the fix, while the other cases carry on; a summary line at the end.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 from nnunet_topomae.data.unlabelled import complete_cases, unlabelled_folder
 from nnunet_topomae.errors import UserInputError
+from nnunet_topomae.utils.files import file_sha256
 
 _worker_cache: Dict[str, object] = {}
 
@@ -54,14 +54,6 @@ def discover(folder: str, file_ending: str, n_channels: int) -> Tuple[Dict[str, 
             continue
         cases[case] = [ch[i] for i in range(n_channels)]
     return cases, refused
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def labelled_cases(raw_dataset_folder: Optional[str], preprocessed_data_folder: str, file_ending: str) -> Tuple[set, Dict[str, str]]:

@@ -12,12 +12,22 @@ import pytest
 from nnunet_topomae.add_unlabelled import add_unlabelled, discover, labelled_cases
 from nnunet_topomae.data.unlabelled import CombinedDataset, complete_cases, unlabelled_counts, unlabelled_folder
 from nnunet_topomae.errors import UserInputError
+from nnunet_topomae.utils.files import file_sha256
 
 
 def _touch(path, data=b"x"):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
+
+
+def test_file_sha256_is_hashlib_s_over_several_blocks(tmp_path):
+    import hashlib
+    data = np.random.default_rng(0).bytes((1 << 20) * 2 + 17)  # three reads of 1 MiB, the last short
+    _touch(str(tmp_path / "a.bin"), data)
+    assert file_sha256(str(tmp_path / "a.bin")) == hashlib.sha256(data).hexdigest()
+    _touch(str(tmp_path / "b.bin"), data[:-1] + bytes([data[-1] ^ 1]))
+    assert file_sha256(str(tmp_path / "b.bin")) != file_sha256(str(tmp_path / "a.bin"))
 
 
 def test_discover_groups_channels_and_names_what_does_not_fit(tmp_path):

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Optional, Tuple
@@ -22,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nnunet_topomae.errors import UserInputError
 from nnunet_topomae.utils.process import children_die_with_this_process
 from nnunet_topomae.utils.ddp import DDPDeviceMixin
+from nnunet_topomae.utils.files import file_sha256
 from nnunet_topomae.utils.checkpoint import atomic_torch_save, remove_stale_temporaries, safe_load, state_dict_to_cpu, to_plain
 
 
@@ -119,14 +119,6 @@ class TopoMAETrainerMixin(DDPDeviceMixin):
 
 
 PRETRAINED_START_FILE = "pretrained_start.json"
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class PretrainedStartMixin:
