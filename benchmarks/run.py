@@ -713,7 +713,8 @@ def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
             ax.plot([x - 0.3, x + 0.3], [np.mean(v)] * 2, color=colours[arm], lw=2)  # mean over seeds
         ax.set_xticks(range(len(present)), present, rotation=60, ha="right", fontsize=8)
         ax.set_xlim(-0.6, len(present) - 0.4)
-        ax.set_title(f"{patients[n]} labelled patients ({n} cases)" if n in patients else f"{n} labelled cases", fontsize=9)
+        # two lines: a one-arm panel is narrower than "80 labelled patients (160 cases)", and titles overlapped
+        ax.set_title(f"{patients[n]} labelled patients\n({n} cases)" if n in patients else f"{n} labelled\ncases", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("mean Dice (fold 0 validation)")
     fig.suptitle("one point per seed; dash = mean over seeds", fontsize=9)
