@@ -136,7 +136,9 @@ ACDC_TIERS = {
     # 0.51 s (2 idle cores), so 1500 finetuning steps would have fit the protocol in about 5 h; but nnU-Net from
     # scratch with all 80 patients reached only 0.778 mean Dice at 1500 steps and 0.832 at 3000 (calibration,
     # docs/BENCHMARKS.md), so the budget is 6000 steps (about 16 h for the protocol on 2 idle cores; resumable)
-    "cpu": dict(pretrain_steps=1000, finetune_steps=6000, iters=50, plans="cpu", runs=ACDC_PROTOCOL, extra_runs=[]),
+    # extra: issue 24's decision (faithful topological loss against the default) on ACDC, after the protocol
+    "cpu": dict(pretrain_steps=1000, finetune_steps=6000, iters=50, plans="cpu", runs=ACDC_PROTOCOL,
+                extra_runs=[("topomae_faithfultopo", 5, 1)]),
     "full": dict(TIERS["full"], runs=ACDC_PROTOCOL, extra_runs=[]),
 }
 # --benchmark NAME -> dataset id (in the --out folder's nnUNet_raw), tiers, and how cases group into patients
