@@ -88,7 +88,8 @@ def check_compatibility(record: dict, expected: dict, fname: str) -> None:
         diff = {k: (record["vit_config"].get(k), v) for k, v in expected["vit_config"].items()
                 if record["vit_config"].get(k) != v}
         mismatches.append(f"ViT configuration {diff} (checkpoint, this run): use the finetuning variant "
-                          f"with the same ViT preset as the pretraining")
+                          f"with the same ViT preset and token size as the pretraining (e.g. "
+                          f"nnUNetTrainerTopoMAEFinetune_token8 after nnUNetTrainerTopoMAEPretrain_token8)")
     if not mismatches:
         return
     src, dst = record.get("dataset_name"), expected.get("dataset_name")

@@ -82,3 +82,16 @@ class nnUNetTrainerTopoMAEFinetune_encoderOnly(nnUNetTrainerTopoMAEFinetune):
     """Transfer recipe: only the encoders (ViT and CNN) come from the pretraining; the CNN decoder, trained
     there to reconstruct intensities, starts fresh for segmentation (as MAE transfers its encoder only)."""
     transfer_parts = ("ViT encoder", "CNN encoder")
+
+
+class nnUNetTrainerTopoMAEPretrain_token8(nnUNetTrainerTopoMAEPretrain):
+    """Token size: the cumulative stride of the deepest CNN stage with at most 8 voxels per axis (default 16).
+    For thick-slice data on coarse plans a 16-voxel token is large against the anatomy: ACDC's CPU plans give
+    2 x 16 x 16 voxels = 20 x 68 x 68 mm, about one left ventricle, so a masked token hides a whole structure;
+    here 2 x 8 x 8 (4x the tokens). Finetune with ``nnUNetTrainerTopoMAEFinetune_token8`` (same token size)."""
+    max_token = 8
+
+
+class nnUNetTrainerTopoMAEFinetune_token8(nnUNetTrainerTopoMAEFinetune):
+    """The hybrid finetuning for checkpoints of ``nnUNetTrainerTopoMAEPretrain_token8``."""
+    max_token = 8
