@@ -449,17 +449,27 @@ def topo_available() -> bool:
 def topo_metric_fields(summary: dict) -> dict:
     """Record fields from ``evaluate_folders``' output (nnU-Net's summary.json layout with HD95, NSD and
     betti_b0/b1/b2_error per label): means over foreground classes and cases, and per class. The Betti error of
-    a class is b0 + b1 + b2 error (averaged over cases)."""
+    a class is b0 + b1 + b2 error (averaged over cases); the slice-wise one (summaries written since the slice-wise
+    errors exist) b0 + b1 of the 2D slices across the coarsest axis."""
     betti = lambda m: float(m["betti_b0_error"] + m["betti_b1_error"] + m["betti_b2_error"])
+    slice_betti = lambda m: float(m["betti_slice_b0_error"] + m["betti_slice_b1_error"])
     # str keys: a summary read back from JSON has them, one fresh from evaluate_folders has the labels' ints, and
     # the report sorts the classes of old and new records together
     per_class = {str(k): v for k, v in summary["mean"].items()}
     fm = summary["foreground_mean"]
-    return dict(mean_hd95=float(fm["HD95"]), mean_nsd=float(fm["NSD"]), mean_betti_error=betti(fm),
+    fields = dict(mean_hd95=float(fm["HD95"]), mean_nsd=float(fm["NSD"]), mean_betti_error=betti(fm),
                 hd95={k: float(v["HD95"]) for k, v in per_class.items()},
                 nsd={k: float(v["NSD"]) for k, v in per_class.items()},
                 betti_error={k: betti(v) for k, v in per_class.items()},
                 betti_errors={k: {b: float(v[f"betti_{b}_error"]) for b in ("b0", "b1", "b2")} for k, v in per_class.items()})
+    if has_slice_betti(summary):
+        fields.update(mean_betti_slice_error=slice_betti(fm), betti_slice_error={k: slice_betti(v) for k, v in per_class.items()})
+    return fields
+
+
+def has_slice_betti(summary: dict) -> bool:
+    """Whether an ``evaluate_folders`` summary has the slice-wise Betti errors (older ones do not)."""
+    return "betti_slice_b1_error" in summary["foreground_mean"]
 
 
 def evaluate_topo(validation_dir: str, pre_dir: str, plans: str, num_processes: int = 2) -> Optional[dict]:
@@ -472,10 +482,13 @@ def evaluate_topo(validation_dir: str, pre_dir: str, plans: str, num_processes: 
     from nnunet_topomae.evaluation.evaluate import evaluate_folders
     out = os.path.join(validation_dir, TOPO_SUMMARY)
     try:
+        summary = None
         if os.path.isfile(out):
             with open(out) as f:
                 summary = json.load(f)
-        else:
+            if not has_slice_betti(summary):  # written before the slice-wise errors: evaluate again
+                summary = None
+        if summary is None:
             summary = evaluate_folders(os.path.join(pre_dir, "gt_segmentations"), validation_dir,
                                        os.path.join(pre_dir, "dataset.json"), os.path.join(pre_dir, plans + ".json"),
                                        output_file=out, num_processes=num_processes, chill=True)
@@ -487,13 +500,13 @@ def evaluate_topo(validation_dir: str, pre_dir: str, plans: str, num_processes: 
 
 
 def backfill_topo(results: List[dict], res_root: str, names: Dict, plans: str, pre_dir: str) -> int:
-    """HD95 / NSD / Betti errors for runs recorded without them, from their kept validation predictions;
+    """HD95 / NSD / Betti errors (3D and slice-wise) for runs recorded without them, from their kept validation predictions;
     returns how many runs gained them."""
     n = 0
     if not topo_available():
         return 0
     for r in results:
-        if "mean_hd95" in r or ("fine", r["arm"]) not in names:
+        if "mean_betti_slice_error" in r or ("fine", r["arm"]) not in names:
             continue
         val = os.path.join(res_root, f"{names[('fine', r['arm'])]}__{plans}__3d_fullres", f"fold_{r['fold']}", "validation")
         if os.path.isfile(os.path.join(val, "summary.json")):
@@ -683,13 +696,16 @@ def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
     patients = {r["labelled_cases"]: r["labelled_patients"] for r in results if "labelled_patients" in r}
     label = lambda n: f"{patients[n]} ({n})" if n in patients else f"{n}"
     topo = any("mean_hd95" in r for r in results)
+    topo_keys = ("mean_hd95", "mean_nsd", "mean_betti_error") + (
+        ("mean_betti_slice_error",) if any("mean_betti_slice_error" in r for r in results) else ())
     lines = [f"| arm | labelled {'patients (cases)' if patients else 'cases'} | runs | mean Dice (mean over seeds) | "
-             f"spread (max - min) | per seed |" + (" mean HD95 mm | mean NSD | mean Betti error |" if topo else ""),
-             "| --- | --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if topo else "")]
+             f"spread (max - min) | per seed |" + (" mean HD95 mm | mean NSD | mean Betti error |" if topo else "")
+             + (" mean slice Betti error |" if topo and len(topo_keys) == 4 else ""),
+             "| --- | --- | --- | --- | --- | --- |" + (" --- |" * len(topo_keys) if topo else "")]
 
     def topo_cells(arm, n):
         cells = []
-        for key in ("mean_hd95", "mean_nsd", "mean_betti_error"):
+        for key in topo_keys:
             v = [r[key] for r in results if r["arm"] == arm and r["labelled_cases"] == n and key in r]
             cells.append(f"{np.mean(v):.{2 if key == 'mean_hd95' else 3}f}" + (f" ({len(v)} runs)" if len(v) != len(
                 groups[(arm, n)]) else "") if v else "-")
@@ -739,17 +755,23 @@ def per_class_lines(results: List[dict], label=str) -> List[str]:
     if not rs:
         return []
     classes = sorted({k for r in rs for k in r["hd95"]}, key=lambda k: (len(k), k))
-    lines = ["", "HD95 (mm) and Betti error (b0 + b1 + b2) per class, means over runs:", "",
+    slices = any("betti_slice_error" in r for r in rs)  # the slice-wise errors (b0 + b1 of 2D slices), where recorded
+    lines = ["", "HD95 (mm) and Betti error (b0 + b1 + b2) per class, means over runs"
+             + (" (slice Betti: b0 + b1 of the 2D slices across the coarsest axis, runs that have it)" if slices else "")
+             + ":", "",
              "| arm | labelled | runs | " + " | ".join(f"HD95 {c}" for c in classes) + " | "
-             + " | ".join(f"Betti {c}" for c in classes) + " |",
-             "| --- | --- | --- |" + " --- |" * (2 * len(classes))]
+             + " | ".join(f"Betti {c}" for c in classes) + " |" + "".join(f" slice Betti {c} |" for c in classes if slices),
+             "| --- | --- | --- |" + " --- |" * ((3 if slices else 2) * len(classes))]
     groups: Dict = {}
     for r in rs:
         groups.setdefault((r["arm"], r["labelled_cases"]), []).append(r)
     for (arm, n), g in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         mean = lambda key, c, p: f"{np.mean([r[key][c] for r in g if c in r[key]]):.{p}f}"
+        with_slices = [r for r in g if "betti_slice_error" in r]
+        slice_mean = lambda c: f"{np.mean([r['betti_slice_error'][c] for r in with_slices]):.3f}" if with_slices else "-"
         lines.append(f"| {arm} | {label(n)} | {len(g)} | " + " | ".join(mean("hd95", c, 2) for c in classes) + " | "
-                     + " | ".join(mean("betti_error", c, 2) for c in classes) + " |")
+                     + " | ".join(mean("betti_error", c, 2) for c in classes) + " |"
+                     + "".join(f" {slice_mean(c)} |" for c in classes if slices))
     return lines
 
 

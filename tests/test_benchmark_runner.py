@@ -270,6 +270,27 @@ def test_topo_metrics_become_record_fields(runner):
     assert r["mean_hd95"] == 5.0 and r["mean_nsd"] == 0.85 and r["mean_betti_error"] == 0.875
     assert r["betti_error"] == {"1": 0.5, "2": 1.25} and r["hd95"]["2"] == 6.0
     assert r["betti_errors"]["2"] == {"b0": 0.25, "b1": 1.0, "b2": 0.0}
+    assert "mean_betti_slice_error" not in r  # a summary written before the slice-wise errors
+    sl = lambda e, b0, b1: dict(e, betti_slice_b0_error=b0, betti_slice_b1_error=b1)
+    summary = {"mean": {"1": sl(summary["mean"]["1"], 0.0, 0.0), "2": sl(summary["mean"]["2"], 0.1, 0.2)},
+               "foreground_mean": sl(summary["foreground_mean"], 0.05, 0.1)}
+    r = runner.topo_metric_fields(summary)
+    assert r["mean_betti_slice_error"] == pytest.approx(0.15) and r["betti_slice_error"] == {"1": 0.0, "2": pytest.approx(0.3)}
+
+
+def test_cached_summaries_without_slice_betti_are_evaluated_again(runner, monkeypatch, tmp_path):
+    m = {"Dice": 0.9, "HD95": 1.0, "NSD": 0.9, "betti_b0_error": 0.0, "betti_b1_error": 1.0, "betti_b2_error": 0.0}
+    (tmp_path / runner.TOPO_SUMMARY).write_text(json.dumps({"mean": {"1": m}, "foreground_mean": m}))
+    calls = []
+    new = dict(m, betti_slice_b0_error=0.0, betti_slice_b1_error=0.5)
+    import nnunet_topomae.evaluation.evaluate as ev
+    monkeypatch.setattr(ev, "evaluate_folders", lambda *a, **k: calls.append(k["output_file"]) or
+                        {"mean": {1: new}, "foreground_mean": new})
+    r = runner.evaluate_topo(str(tmp_path), str(tmp_path), "nnUNetPlans")
+    assert calls == [str(tmp_path / runner.TOPO_SUMMARY)] and r["mean_betti_slice_error"] == 0.5
+    (tmp_path / runner.TOPO_SUMMARY).write_text(json.dumps({"mean": {"1": new}, "foreground_mean": new}))
+    assert runner.evaluate_topo(str(tmp_path), str(tmp_path), "nnUNetPlans")["mean_betti_slice_error"] == 0.5
+    assert len(calls) == 1  # a summary that has them is read, not recomputed
 
 
 def test_a_fresh_evaluation_reports_beside_records_read_back(runner, tmp_path):
@@ -304,6 +325,15 @@ def test_report_has_hd95_and_betti_error_per_class(runner, tmp_path):
     assert "| arm | labelled | runs | HD95 1 | HD95 2 | HD95 3 | Betti 1 | Betti 2 | Betti 3 |" in text
     assert "| topomae | 5 (10) | 2 | 5.00 | 2.00 | 1.00 | 0.00 | 6.00 | 1.50 |" in text
     assert "| scratch_nnunet | 5 (10) | 1 | 8.00 | 2.00 | 1.00 | 0.00 | 6.00 | 0.50 |" in text
+    # slice-wise Betti errors: their own columns once a run has them, "-" for runs without
+    slice_rec = dict(rec("topomae", 2, 4.0, 1.0), betti_slice_error={"1": 0.5, "2": 0.25, "3": 0.0},
+                     mean_betti_slice_error=0.25)
+    runner.write_report([rec("scratch_nnunet", 0, 8.0, 0.5), slice_rec], str(tmp_path), quiet=True)
+    text = (tmp_path / "results.md").read_text()
+    assert "| Betti 3 | slice Betti 1 | slice Betti 2 | slice Betti 3 |" in text
+    assert "| topomae | 5 (10) | 1 | 4.00 | 2.00 | 1.00 | 0.00 | 6.00 | 1.00 | 0.500 | 0.250 | 0.000 |" in text
+    assert "| scratch_nnunet | 5 (10) | 1 | 8.00 | 2.00 | 1.00 | 0.00 | 6.00 | 0.50 | - | - | - |" in text
+    assert "mean Betti error | mean slice Betti error |" in text and "| 0.250 |" in text
 
 
 # ------------------------------------------------------------ benchmarks/unlabelled_protocol.py (issue 25)

@@ -134,6 +134,60 @@ def test_betti_errors():
     assert M.betti_errors(empty, empty) == {"betti_b0_error": 0, "betti_b1_error": 0, "betti_b2_error": 0}
 
 
+# ====================================================================== slice-wise Betti numbers
+def _square_ring(x0: int) -> np.ndarray:
+    """A 7 x 7 square ring (one component, one hole) starting at column ``x0`` of a 12 x 16 slice."""
+    m = np.zeros((12, 16), bool)
+    m[1:8, x0:x0 + 7] = True
+    m[2:7, x0 + 1:x0 + 6] = False
+    return m
+
+
+def test_slice_betti_counts_the_rings_drawn_not_how_slices_touch():
+    a, b = _square_ring(1), _square_ring(6)  # b overlaps a's right side only
+    tube = np.stack([a, a, a, a])  # aligned rings: one tunnel, the loops of all slices are the same cycle
+    zigzag = np.stack([a, b, a, b])  # each slice touches the next along one side: every ring keeps its loop
+    assert M.betti_numbers(tube) == (1, 1, 0) and M.betti_numbers(zigzag) == (1, 4, 0)
+    assert M.betti_errors(tube, zigzag)["betti_b1_error"] == 3  # 3D: the stacking, not a wrong ring
+    assert M.slice_betti_errors(tube, zigzag, (10.0, 1.5, 1.5)) == \
+        {"betti_slice_b0_error": 0.0, "betti_slice_b1_error": 0.0}  # every slice is one ring in both
+
+
+def test_slice_betti_errors_known_values():
+    a = _square_ring(1)
+    tube = np.stack([a, a, a, a])
+    broken = tube.copy()
+    broken[2, 1, 3] = False  # one slice's ring opened: still one component, no hole
+    assert M.slice_betti_errors(broken, tube, (10, 1, 1)) == {"betti_slice_b0_error": 0.0, "betti_slice_b1_error": 0.25}
+    split = tube.copy()
+    split[1, 1, 3] = split[1, 7, 3] = False  # one slice's ring cut twice: two pieces, no hole
+    assert M.slice_betti_errors(split, tube, (10, 1, 1)) == {"betti_slice_b0_error": 0.25, "betti_slice_b1_error": 0.25}
+    empty = np.zeros_like(tube)
+    assert M.slice_betti_errors(empty, tube, (10, 1, 1)) == {"betti_slice_b0_error": 1.0, "betti_slice_b1_error": 1.0}
+    assert M.slice_betti_errors(tube, empty, (10, 1, 1)) == {"betti_slice_b0_error": 1.0, "betti_slice_b1_error": 1.0}
+    assert M.slice_betti_errors(empty, empty, (10, 1, 1)) == {"betti_slice_b0_error": 0.0, "betti_slice_b1_error": 0.0}
+    # only slices with foreground count: empty slices around the object change nothing
+    padded = lambda v: np.concatenate([np.zeros_like(v), v, np.zeros_like(v)])
+    assert M.slice_betti_errors(padded(broken), padded(tube), (10, 1, 1))["betti_slice_b1_error"] == 0.25
+    # 2D: the image is its one slice (ring against a filled square: the hole is missing)
+    disk = np.zeros((12, 16), bool)
+    disk[1:8, 1:8] = True
+    assert M.slice_betti_errors(disk, a, (1, 1)) == {"betti_slice_b0_error": 0.0, "betti_slice_b1_error": 1.0}
+
+
+def test_slices_are_taken_across_the_coarsest_axis():
+    assert M.slice_axis((10.0, 1.56, 1.56)) == 0 and M.slice_axis((1.0, 1.0, 5.0)) == 2
+    assert M.slice_axis((1.0, 1.0, 1.0)) == 0  # isotropic: the first axis
+    a = _square_ring(1)
+    tube, broken = np.stack([a] * 4), np.stack([a] * 4)
+    broken[2, 1, 3] = False
+    moved = lambda v: np.moveaxis(v, 0, 2)
+    expected = M.slice_betti_errors(broken, tube, (10, 1, 1))
+    assert M.slice_betti_errors(moved(broken), moved(tube), (1, 1, 10)) == expected
+    # across another axis the slices cut the rings into bars: other values
+    assert M.slice_betti_errors(moved(broken), moved(tube), (10, 1, 1)) != expected
+
+
 # ====================================================================== HD95
 def test_hd95_concentric_balls_and_identical_masks():
     outer, inner = ball(32, 10), ball(32, 7)
@@ -280,13 +334,16 @@ def test_evaluate_folders_layout_and_values(folders, summary):
             r, p = ref == label, prd == label
             assert metrics[label]["HD95"] == pytest.approx(M.hd95(p, r, SPACING_ZYX))  # spacing read from the image
             assert metrics[label]["NSD"] == pytest.approx(M.nsd(p, r, SPACING_ZYX))
-            assert {k: metrics[label][k] for k in EXTRA_METRICS[2:]} == M.betti_errors(p, r)
+            assert {k: metrics[label][k] for k in EXTRA_METRICS[2:5]} == M.betti_errors(p, r)
+            # slices across the image's coarsest axis (z: 2 mm), as the reader gives the spacing
+            assert {k: metrics[label][k] for k in EXTRA_METRICS[5:]} == M.slice_betti_errors(p, r, SPACING_ZYX)
     # the shift is along x (1 mm): HD95 is 1 mm, where 2 mm voxels along z would not fit
     assert per_case["case_000.nii.gz"][1]["HD95"] == pytest.approx(1.0)
     # core missed: prediction empty for label 2 -> HD95 = image diagonal in mm, NSD 0, one component missing
     diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(SHAPE, SPACING_ZYX)))
     missed = per_case["case_001.nii.gz"][2]
     assert (missed["HD95"], missed["NSD"], missed["betti_b0_error"]) == (pytest.approx(diagonal), 0.0, 1)
+    assert missed["betti_slice_b0_error"] == 1.0  # every slice of the core lacks its one component
     # label 2 in neither mask: Dice NaN (nnU-Net), HD95 0, NSD 1, no Betti error
     absent = per_case["case_002.nii.gz"][2]
     assert math.isnan(absent["Dice"])

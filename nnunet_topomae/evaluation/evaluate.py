@@ -11,6 +11,9 @@ the libraries and the conventions. Default output: ``PRED_FOLDER/summary_topolog
   is in neither mask: nnU-Net's convention).
 * HD95 (mm), NSD, betti_b0_error, betti_b1_error, betti_b2_error: see ``metrics.py`` (MONAI for the
   surface metrics, cc3d and gudhi for the Betti numbers; connectivity, tolerance, empty-mask values).
+* betti_slice_b0_error, betti_slice_b1_error: the same errors of the 2D slices across the coarsest-spacing
+  axis, averaged over the slices with foreground: the topology that slice-by-slice annotation of
+  thick-slice images draws, where 3D tunnels count how adjacent slices touch (``metrics.py``).
 * Labels or regions as nnU-Net evaluates them (``LabelManager.foreground_regions`` when dataset.json
   defines regions, else ``foreground_labels``); a region's mask is the union of its labels. Voxels
   with the ignore label (if dataset.json has one) are left out of every metric: nnU-Net's counts skip
@@ -42,7 +45,8 @@ from nnunet_topomae.errors import UserInputError
 from nnunet_topomae.evaluation.metrics import DEFAULT_NSD_TOLERANCE_MM, HD_PERCENTILE
 
 DEFAULT_OUTPUT_NAME = "summary_topology.json"
-EXTRA_METRICS = ("HD95", "NSD", "betti_b0_error", "betti_b1_error", "betti_b2_error")
+EXTRA_METRICS = ("HD95", "NSD", "betti_b0_error", "betti_b1_error", "betti_b2_error",
+                 "betti_slice_b0_error", "betti_slice_b1_error")
 
 LabelOrRegion = Union[int, Tuple[int, ...]]
 
@@ -107,6 +111,7 @@ def evaluate_case(reference_file: str, prediction_file: str, reader, labels_or_r
         entry["HD95"] = M.hd95(mask_pred, mask_ref, spacing)
         entry["NSD"] = M.nsd(mask_pred, mask_ref, spacing, nsd_tolerance_mm)
         entry.update(M.betti_errors(mask_pred, mask_ref))
+        entry.update(M.slice_betti_errors(mask_pred, mask_ref, spacing))
     return result
 
 
@@ -128,6 +133,8 @@ def _settings(nsd_tolerance_mm: float, reader_name: str, labels_or_regions) -> d
                       "monai (HD95, NSD)": version("monai"),
                       "connected-components-3d (betti b0)": version("connected-components-3d"),
                       "gudhi (betti b1, b2)": version("gudhi")},
+        "slices": "betti_slice_*: 2D slices across the axis of the coarsest spacing (the first on ties), "
+                  "errors averaged over the slices with foreground in either mask (0 if none)",
         "boundary": "mask voxels with a face neighbour outside the mask; Euclidean distances between "
                     "boundary voxel centres in mm",
         "connectivity": "foreground 26-connected (8 in 2D), background 6-connected (4 in 2D)",
@@ -284,8 +291,9 @@ def evaluate_folders(gt_folder: str, pred_folder: str, dataset_json_file: str, p
 
 # ====================================================================== CLI
 def _print_summary(summary: dict, output_file: str) -> None:
-    cols = ("Dice", "HD95", "NSD", "betti_b0_error", "betti_b1_error", "betti_b2_error")
-    heads = ("Dice", "HD95 mm", "NSD", "b0 err", "b1 err", "b2 err")
+    cols = ("Dice", "HD95", "NSD", "betti_b0_error", "betti_b1_error", "betti_b2_error", "betti_slice_b0_error",
+            "betti_slice_b1_error")
+    heads = ("Dice", "HD95 mm", "NSD", "b0 err", "b1 err", "b2 err", "2D b0", "2D b1")
     rows = [(str(list(k)) if isinstance(k, tuple) else str(k), v) for k, v in summary["mean"].items()]
     rows.append(("foreground", summary["foreground_mean"]))
     width = max(len(r[0]) for r in rows + [("label", None)])
@@ -311,7 +319,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="Like nnUNetv2_evaluate_folder (same arguments; Dice, IoU, TP, FP, FN, TN from nnU-Net's own "
                     "code), plus per case and label: HD95 (mm, 95th-percentile symmetric Hausdorff distance), "
                     "NSD (normalised surface Dice at --nsd-tolerance mm), and the absolute errors of the Betti "
-                    "numbers b0 (components), b1 (tunnels), b2 (cavities) with a 26-connected foreground. "
+                    "numbers b0 (components), b1 (tunnels), b2 (cavities) with a 26-connected foreground, in 3D "
+                    "and (b0, b1) in the 2D slices across the coarsest-spacing axis. "
                     "Spacing comes from the reference images. Empty masks: both empty gives HD95 0, NSD 1; "
                     "exactly one empty gives HD95 = the image diagonal in mm, NSD 0. Writes nnU-Net's "
                     "summary.json layout with a 'settings' entry.")

@@ -38,6 +38,17 @@ Topology (``betti_numbers``, ``betti_errors``):
   homology each mask is cropped to its bounding box and padded by one background voxel on every side,
   so the cost follows the object, not the image, and the outside is one background region.
 * An empty mask has all Betti numbers 0, so Betti errors are always defined.
+
+Slice-wise topology (``slice_betti_errors``), for thick-slice images:
+
+* Images acquired as thick slices (cardiac cine MRI: 10 mm slices, 1.5 mm in-plane) are annotated slice by
+  slice; in 3D, the tunnels of a stack of rings count where adjacent slices touch, not the anatomy. On
+  ACDC's 40 fold-0 validation cases the reference myocardium has a 3D b1 of 9.6 on average (median 6.5, up
+  to 34) where the anatomy has about one, while 94 % of its slices are one ring (b0 = 1, b1 = 1).
+* So the Betti numbers (b0, b1; 8-connected foreground as above) are also computed in every 2D slice
+  across the axis of the coarsest spacing (the first such axis on ties; for isotropic data that is axis 0,
+  a choice, not a property of the data), and the errors |b_k(pred) - b_k(ref)| are averaged over the
+  slices in which either mask has foreground (0 if there are none). A 2D image is its own single slice.
 """
 from __future__ import annotations
 
@@ -206,3 +217,29 @@ def betti_errors(pred, ref) -> Dict[str, int]:
         raise ValueError(f"prediction and reference shapes differ: {pred.shape} vs {ref.shape}")
     bp, br = betti_numbers(pred), betti_numbers(ref)
     return {f"betti_b{k}_error": abs(bp[k] - br[k]) for k in range(3)}
+
+
+def slice_axis(spacing: Sequence[float]) -> int:
+    """The axis across which the slices are taken: the coarsest spacing (the first on ties)."""
+    spacing = [float(x) for x in spacing]
+    return int(spacing.index(max(spacing)))
+
+
+def slice_betti_errors(pred, ref, spacing: Sequence[float]) -> Dict[str, float]:
+    """Mean over slices (across ``slice_axis(spacing)``) with foreground in either mask of |b_k(pred) - b_k(ref)|
+    for k = 0, 1 of the 2D slices, as ``{"betti_slice_b0_error", "betti_slice_b1_error"}``; 0 where no slice
+    has foreground; a 2D mask is one slice. The topology that slice-by-slice annotation draws (module
+    docstring); always defined."""
+    pred, ref, spacing = _check_pair(pred, ref, spacing)
+    if pred.ndim == 2:
+        pred, ref = pred[None], ref[None]
+        axis = 0
+    elif pred.ndim == 3:
+        axis = slice_axis(spacing)
+    else:
+        raise ValueError(f"slice-wise Betti numbers are computed for 2D or 3D masks, got {pred.ndim} axes")
+    pred, ref = np.moveaxis(pred, axis, 0), np.moveaxis(ref, axis, 0)
+    errors = [[abs(a - b) for a, b in zip(betti_numbers(p)[:2], betti_numbers(r)[:2])]
+              for p, r in zip(pred, ref) if p.any() or r.any()]
+    mean = np.mean(errors, axis=0) if errors else np.zeros(2)
+    return {"betti_slice_b0_error": float(mean[0]), "betti_slice_b1_error": float(mean[1])}
