@@ -492,3 +492,20 @@ def test_compare_arms_pairs_by_seed_and_pools_over_seeds(tmp_path, capsys):
     assert "| all 2 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no seed has per-case Dice"):
         mod.main([str(f1), "--arm", "b", "--against", "c"])
+
+
+def test_reference_topology_counts_3d_tunnels_and_rings_per_slice(tmp_path):
+    import SimpleITK as sitk
+    ref_top = load_script("reference_topology")
+    ring = np.zeros((12, 16), np.uint8)
+    ring[1:8, 1:8] = 1
+    ring[2:7, 2:7] = 0
+    shifted = np.roll(ring, 5, axis=1)  # touches the ring's right side only
+    for name, vol in [("a", np.stack([ring] * 4)), ("b", np.stack([ring, shifted, ring, shifted]))]:
+        img = sitk.GetImageFromArray(vol)
+        img.SetSpacing((1.5, 1.5, 10.0))  # x, y, z: the slices are across numpy axis 0
+        sitk.WriteImage(img, str(tmp_path / f"{name}.nii.gz"))
+    res = ref_top.reference_topology(str(tmp_path), [1])[1]
+    assert res["cases"] == 2 and res["mean_3d"] == [1.0, 2.5, 0.0] and res["max_3d"][1] == 4  # tube 1, zigzag 4
+    assert res["slices"] == 8 and res["mean_2d"] == [1.0, 1.0] and res["ring_fraction_2d"] == 1.0
+    assert ref_top.reference_topology(str(tmp_path), [1], cases=["a"])[1]["mean_3d"] == [1.0, 1.0, 0.0]
