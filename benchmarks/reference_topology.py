@@ -24,7 +24,7 @@ def reference_topology(gt_folder: str, labels: List[int], cases: Optional[List[s
                        file_ending: str = ".nii.gz") -> Dict[int, dict]:
     import SimpleITK as sitk
 
-    from nnunet_topomae.evaluation.metrics import betti_numbers, slice_axis
+    from nnunet_topomae.evaluation.metrics import betti_numbers, slices
     files = sorted(f for f in os.listdir(gt_folder) if f.endswith(file_ending))
     if cases is not None:
         wanted = {c[: -len(file_ending)] if c.endswith(file_ending) else c for c in cases}
@@ -36,11 +36,11 @@ def reference_topology(gt_folder: str, labels: List[int], cases: Optional[List[s
     for f in files:
         img = sitk.ReadImage(os.path.join(gt_folder, f))
         seg = sitk.GetArrayFromImage(img)
-        axis = slice_axis(tuple(reversed(img.GetSpacing())))  # numpy axis order
+        spacing = tuple(reversed(img.GetSpacing()))  # numpy axis order
         for lab in labels:
             mask = seg == lab
             per3d[lab].append(betti_numbers(mask))
-            per2d[lab] += [betti_numbers(s)[:2] for s in np.moveaxis(mask, axis, 0) if s.any()]
+            per2d[lab] += [betti_numbers(s)[:2] for s in slices(mask, spacing) if s.any()]
     out = {}
     for lab in labels:
         b3, b2 = np.array(per3d[lab]).reshape(-1, 3), np.array(per2d[lab]).reshape(-1, 2)

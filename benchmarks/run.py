@@ -696,12 +696,13 @@ def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
     patients = {r["labelled_cases"]: r["labelled_patients"] for r in results if "labelled_patients" in r}
     label = lambda n: f"{patients[n]} ({n})" if n in patients else f"{n}"
     topo = any("mean_hd95" in r for r in results)
-    topo_keys = ("mean_hd95", "mean_nsd", "mean_betti_error") + (
-        ("mean_betti_slice_error",) if any("mean_betti_slice_error" in r for r in results) else ())
+    titles = {"mean_hd95": "mean HD95 mm", "mean_nsd": "mean NSD", "mean_betti_error": "mean Betti error",
+              "mean_betti_slice_error": "mean slice Betti error"}
+    # the slice-wise column once any run has it; none of them before any run has HD95
+    topo_keys = [k for k in titles if topo and (k != "mean_betti_slice_error" or any(k in r for r in results))]
     lines = [f"| arm | labelled {'patients (cases)' if patients else 'cases'} | runs | mean Dice (mean over seeds) | "
-             f"spread (max - min) | per seed |" + (" mean HD95 mm | mean NSD | mean Betti error |" if topo else "")
-             + (" mean slice Betti error |" if topo and len(topo_keys) == 4 else ""),
-             "| --- | --- | --- | --- | --- | --- |" + (" --- |" * len(topo_keys) if topo else "")]
+             f"spread (max - min) | per seed |" + "".join(f" {titles[k]} |" for k in topo_keys),
+             "| --- | --- | --- | --- | --- | --- |" + " --- |" * len(topo_keys)]
 
     def topo_cells(arm, n):
         cells = []
@@ -760,7 +761,7 @@ def per_class_lines(results: List[dict], label=str) -> List[str]:
              + (" (slice Betti: b0 + b1 of the 2D slices across the coarsest axis, runs that have it)" if slices else "")
              + ":", "",
              "| arm | labelled | runs | " + " | ".join(f"HD95 {c}" for c in classes) + " | "
-             + " | ".join(f"Betti {c}" for c in classes) + " |" + "".join(f" slice Betti {c} |" for c in classes if slices),
+             + " | ".join(f"Betti {c}" for c in classes) + " |" + ("".join(f" slice Betti {c} |" for c in classes) if slices else ""),
              "| --- | --- | --- |" + " --- |" * ((3 if slices else 2) * len(classes))]
     groups: Dict = {}
     for r in rs:
@@ -771,7 +772,7 @@ def per_class_lines(results: List[dict], label=str) -> List[str]:
         slice_mean = lambda c: f"{np.mean([r['betti_slice_error'][c] for r in with_slices]):.3f}" if with_slices else "-"
         lines.append(f"| {arm} | {label(n)} | {len(g)} | " + " | ".join(mean("hd95", c, 2) for c in classes) + " | "
                      + " | ".join(mean("betti_error", c, 2) for c in classes) + " |"
-                     + "".join(f" {slice_mean(c)} |" for c in classes if slices))
+                     + ("".join(f" {slice_mean(c)} |" for c in classes) if slices else ""))
     return lines
 
 

@@ -226,21 +226,24 @@ def slice_axis(spacing: Sequence[float]) -> int:
     return int(spacing.index(max(spacing)))
 
 
+def slices(mask, spacing: Sequence[float]) -> np.ndarray:
+    """The 2D slices of a mask across ``slice_axis(spacing)``, stacked along the first axis (a 2D mask is one
+    slice): what the slice-wise Betti numbers are computed on."""
+    mask = _as_mask(mask)
+    if mask.ndim == 2:
+        return mask[None]
+    if mask.ndim != 3:
+        raise ValueError(f"slice-wise Betti numbers are computed for 2D or 3D masks, got {mask.ndim} axes")
+    return np.moveaxis(mask, slice_axis(spacing), 0)
+
+
 def slice_betti_errors(pred, ref, spacing: Sequence[float]) -> Dict[str, float]:
     """Mean over slices (across ``slice_axis(spacing)``) with foreground in either mask of |b_k(pred) - b_k(ref)|
     for k = 0, 1 of the 2D slices, as ``{"betti_slice_b0_error", "betti_slice_b1_error"}``; 0 where no slice
     has foreground; a 2D mask is one slice. The topology that slice-by-slice annotation draws (module
     docstring); always defined."""
     pred, ref, spacing = _check_pair(pred, ref, spacing)
-    if pred.ndim == 2:
-        pred, ref = pred[None], ref[None]
-        axis = 0
-    elif pred.ndim == 3:
-        axis = slice_axis(spacing)
-    else:
-        raise ValueError(f"slice-wise Betti numbers are computed for 2D or 3D masks, got {pred.ndim} axes")
-    pred, ref = np.moveaxis(pred, axis, 0), np.moveaxis(ref, axis, 0)
     errors = [[abs(a - b) for a, b in zip(betti_numbers(p)[:2], betti_numbers(r)[:2])]
-              for p, r in zip(pred, ref) if p.any() or r.any()]
+              for p, r in zip(slices(pred, spacing), slices(ref, spacing)) if p.any() or r.any()]
     mean = np.mean(errors, axis=0) if errors else np.zeros(2)
     return {"betti_slice_b0_error": float(mean[0]), "betti_slice_b1_error": float(mean[1])}
