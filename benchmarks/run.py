@@ -737,13 +737,13 @@ def write_report(results: List[dict], out: str, quiet: bool = False) -> None:
             ax.plot([x - 0.3, x + 0.3], [np.mean(v)] * 2, color=colours[arm], lw=2)  # mean over seeds
         ax.set_xticks(range(len(present)), present, rotation=60, ha="right", fontsize=8)
         ax.set_xlim(-0.6, len(present) - 0.4)
-        # two lines: a one-arm panel is narrower than "80 labelled patients (160 cases)", and titles overlapped
-        ax.set_title(f"{patients[n]} labelled patients\n({n} cases)" if n in patients else f"{n} labelled\ncases", fontsize=9)
+        # three lines: a one-arm panel is narrower than "80 labelled patients (160 cases)", and titles overlapped
+        ax.set_title(f"{patients[n]} labelled\npatients\n({n} cases)" if n in patients else f"{n} labelled\ncases", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("mean Dice (fold 0 validation)")
     fig.suptitle("one point per seed; dash = mean over seeds", fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "results.png"), dpi=90)
+    fig.savefig(os.path.join(out, "results.png"), dpi=90, bbox_inches="tight")  # a one-arm panel's title is wider than it
     plt.close(fig)
     if not quiet:
         print("\n".join(lines))
