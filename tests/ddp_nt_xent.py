@@ -52,11 +52,16 @@ def _check_rank(rank, sizes, path):
         torch.save({"loss": loss.detach(), "grad": lin.weight.grad.clone()}, path)
 
 
-def check_gathered_nt_xent(sizes) -> None:
-    """Spawns one process per entry of ``sizes`` (rows per rank) and compares with one process."""
+def free_port() -> int:
+    """A port that was free a moment ago, for a rendezvous on 127.0.0.1 (shared with tests/test_distributed.py)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def check_gathered_nt_xent(sizes) -> None:
+    """Spawns one process per entry of ``sizes`` (rows per rank) and compares with one process."""
+    port = free_port()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "out.pt")
         torch.multiprocessing.spawn(_worker, args=(list(sizes), port, path), nprocs=len(sizes), join=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import threading
 import time
 from datetime import timedelta
@@ -20,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from ddp_nt_xent import free_port
 from nnunet_topomae import distributed as nd
 from nnunet_topomae.errors import UserInputError
 from nnunet_topomae.losses.topological import default_pool_workers
@@ -132,15 +132,9 @@ def test_persistence_pool_shares_the_node_between_its_ranks(monkeypatch):
     assert nd.threads_per_rank(4, cores=16) == 4 and nd.threads_per_rank(4, cores=2) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ranks_agree_on_a_fresh_round_despite_stale_keys():
     """torchrun hands a restart the same store with the previous workers' keys in it."""
-    port = _free_port()
+    port = free_port()
     server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
     server.set(f"{nd.ROUND_KEYS}/hello/1", "old-nonce")
     server.set(f"{nd.ROUND_KEYS}/welcome/old-nonce", "old-token")
@@ -287,7 +281,7 @@ def _rank(rank: int, port: int, root: str, out: str):
 def test_one_step_on_two_ranks_equals_one_process_on_the_global_batch(tmp_path, monkeypatch):
     root, out = str(tmp_path / "nnunet"), str(tmp_path / "out")
     os.makedirs(out)
-    torch.multiprocessing.spawn(_rank, args=(_free_port(), root, out), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_rank, args=(free_port(), root, out), nprocs=2, join=True)
     ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
     for var in ("nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(var, os.path.join(root, var))  # _trainer sets them
