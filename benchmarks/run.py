@@ -12,7 +12,8 @@ nnU-Net's ``splits_final.json`` (same validation cases), which is nnU-Net's own 
 splits. Repeated seeds are repeated runs under other fold numbers. Evaluation is nnU-Net's own final
 validation (``fold_X/validation/summary.json``), plus HD95, NSD and Betti-number errors from
 ``nnunet_topomae.evaluation.evaluate`` when that module is installed (its output goes to
-``fold_X/validation/summary_topology.json``; records written before are backfilled from the kept predictions).
+``fold_X/validation/summary_topology.json``; records written before are backfilled from the kept predictions), with
+each case's HD95 (``per_case_hd95``) for ``compare_arms.py --metric hd95`` as ``per_case`` is for Dice.
 
 Benchmarks (``--benchmark``): ``hippocampus`` (default; dataset id 950, the MSD task folder, subsets of
 cases) and ``acdc`` (dataset id 951, the nnU-Net raw dataset Dataset101_ACDC made by
@@ -395,13 +396,13 @@ def write_splits(pre_dir: str, seeds: int, source: Optional[str] = None, group_r
     return info
 
 
-def per_case_dice(summary: dict) -> Dict[str, float]:
-    """Each validation case's Dice averaged over the foreground classes, from nnU-Net's summary.json
-    (keyed by the case's file name; a class absent from both reference and prediction is left out, as
-    nnU-Net's own mean leaves out its NaN)."""
+def per_case_dice(summary: dict, metric: str = "Dice") -> Dict[str, float]:
+    """Each validation case's ``metric`` (Dice; HD95 from ``evaluate_folders``' summary) averaged over the
+    foreground classes, from nnU-Net's summary.json layout (keyed by the case's file name; a class whose value is
+    NaN, Dice where the class is in neither reference nor prediction, is left out, as nnU-Net's own mean does)."""
     out = {}
     for c in summary["metric_per_case"]:
-        d = [m["Dice"] for m in c["metrics"].values() if m["Dice"] == m["Dice"]]
+        d = [m[metric] for m in c["metrics"].values() if m[metric] == m[metric]]
         out[os.path.basename(c["reference_file"])] = float(np.mean(d)) if d else float("nan")
     return out
 
@@ -462,6 +463,8 @@ def topo_metric_fields(summary: dict) -> dict:
                 nsd={k: float(v["NSD"]) for k, v in per_class.items()},
                 betti_error={k: betti(v) for k, v in per_class.items()},
                 betti_errors={k: {b: float(v[f"betti_{b}_error"]) for b in ("b0", "b1", "b2")} for k, v in per_class.items()})
+    if "metric_per_case" in summary:  # for compare_arms.py --metric hd95 (paired by case, as Dice)
+        fields["per_case_hd95"] = per_case_dice(summary, "HD95")
     if has_slice_betti(summary):
         fields.update(mean_betti_slice_error=slice_betti(fm), betti_slice_error={k: slice_betti(v) for k, v in per_class.items()})
     return fields
@@ -500,13 +503,13 @@ def evaluate_topo(validation_dir: str, pre_dir: str, plans: str, num_processes: 
 
 
 def backfill_topo(results: List[dict], res_root: str, names: Dict, plans: str, pre_dir: str) -> int:
-    """HD95 / NSD / Betti errors (3D and slice-wise) for runs recorded without them, from their kept validation predictions;
-    returns how many runs gained them."""
+    """HD95 / NSD / Betti errors (3D and slice-wise) and per-case HD95 for runs recorded without them, from their kept
+    validation predictions (or the summary_topology.json beside them); returns how many runs gained them."""
     n = 0
     if not topo_available():
         return 0
     for r in results:
-        if "mean_betti_slice_error" in r or ("fine", r["arm"]) not in names:
+        if ("mean_betti_slice_error" in r and "per_case_hd95" in r) or ("fine", r["arm"]) not in names:
             continue
         val = os.path.join(res_root, f"{names[('fine', r['arm'])]}__{plans}__3d_fullres", f"fold_{r['fold']}", "validation")
         if os.path.isfile(os.path.join(val, "summary.json")):

@@ -271,6 +271,10 @@ def test_topo_metrics_become_record_fields(runner):
     assert r["betti_error"] == {"1": 0.5, "2": 1.25} and r["hd95"]["2"] == 6.0
     assert r["betti_errors"]["2"] == {"b0": 0.25, "b1": 1.0, "b2": 0.0}
     assert "mean_betti_slice_error" not in r  # a summary written before the slice-wise errors
+    assert "per_case_hd95" not in r  # a summary without metric_per_case
+    case = lambda f, h1, h2: {"reference_file": f"/gt/{f}", "metrics": {"1": m(h1, 0.9, 0, 0, 0), "2": m(h2, 0.9, 0, 0, 0)}}
+    r = runner.topo_metric_fields(dict(summary, metric_per_case=[case("a.nii.gz", 2.0, 4.0), case("b.nii.gz", 1.0, 1.0)]))
+    assert r["per_case_hd95"] == {"a.nii.gz": 3.0, "b.nii.gz": 1.0}
     sl = lambda e, b0, b1: dict(e, betti_slice_b0_error=b0, betti_slice_b1_error=b1)
     summary = {"mean": {"1": sl(summary["mean"]["1"], 0.0, 0.0), "2": sl(summary["mean"]["2"], 0.1, 0.2)},
                "foreground_mean": sl(summary["foreground_mean"], 0.05, 0.1)}
@@ -291,6 +295,24 @@ def test_cached_summaries_without_slice_betti_are_evaluated_again(runner, monkey
     (tmp_path / runner.TOPO_SUMMARY).write_text(json.dumps({"mean": {"1": new}, "foreground_mean": new}))
     assert runner.evaluate_topo(str(tmp_path), str(tmp_path), "nnUNetPlans")["mean_betti_slice_error"] == 0.5
     assert len(calls) == 1  # a summary that has them is read, not recomputed
+
+
+def test_backfill_adds_per_case_hd95_from_a_kept_summary(runner, monkeypatch, tmp_path):
+    """A record evaluated before per_case_hd95 existed gains it from its summary_topology.json, read, not recomputed;
+    a record whose run folder is gone is left as it is."""
+    m = lambda h: {"Dice": 0.9, "HD95": h, "NSD": 0.9, "betti_b0_error": 0.0, "betti_b1_error": 1.0,
+                   "betti_b2_error": 0.0, "betti_slice_b0_error": 0.0, "betti_slice_b1_error": 0.5}
+    val = tmp_path / "res" / "Tr__P__3d_fullres" / "fold_5" / "validation"
+    val.mkdir(parents=True)
+    (val / "summary.json").write_text("{}")
+    (val / runner.TOPO_SUMMARY).write_text(json.dumps({"mean": {"1": m(3.0)}, "foreground_mean": m(3.0), "metric_per_case": [
+        {"reference_file": "/gt/a.nii.gz", "metrics": {"1": m(2.0)}}, {"reference_file": "/gt/b.nii.gz", "metrics": {"1": m(4.0)}}]}))
+    import nnunet_topomae.evaluation.evaluate as ev
+    monkeypatch.setattr(ev, "evaluate_folders", lambda *a, **k: pytest.fail("must read the kept summary"))
+    kept = dict(arm="topomae", fold=5, mean_hd95=3.0, mean_betti_slice_error=0.5)
+    gone = dict(arm="topomae", fold=8, mean_hd95=3.0, mean_betti_slice_error=0.5)
+    assert runner.backfill_topo([kept, gone], str(tmp_path / "res"), {("fine", "topomae"): "Tr"}, "P", str(tmp_path)) == 1
+    assert kept["per_case_hd95"] == {"a.nii.gz": 2.0, "b.nii.gz": 4.0} and "per_case_hd95" not in gone
 
 
 def test_a_fresh_evaluation_reports_beside_records_read_back(runner, tmp_path):
@@ -492,6 +514,26 @@ def test_compare_arms_pairs_by_seed_and_pools_over_seeds(tmp_path, capsys):
     assert "| all 2 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no seed has per-case Dice"):
         mod.main([str(f1), "--arm", "b", "--against", "c"])
+
+
+def test_compare_arms_pairs_hd95_where_lower_is_better(tmp_path, capsys):
+    """--metric hd95 pairs the records' per_case_hd95 in mm; "cases lower" counts where the arm's HD95 is lower."""
+    mod = load_script("compare_arms")
+    cases = [f"c{i}.nii.gz" for i in range(4)]
+    rec = lambda arm, hd: dict(arm=arm, labelled_cases=10, seed=0, mean_dice=0.8, per_case=dict.fromkeys(cases, 0.8),
+                               mean_hd95=float(np.mean(hd)), per_case_hd95=dict(zip(cases, hd)))
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps([rec("a", [6.0, 8.0, 5.0, 9.0]), rec("b", [5.0, 7.0, 5.5, 8.0])]))
+    assert mod.main([str(f), "--arm", "b", "--against", "a", "--labelled", "10", "--metric", "hd95",
+                     "--json", str(tmp_path / "c.json")]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["per_seed"][0]["mean"] == pytest.approx(-0.625) and c["per_seed"][0]["better"] == 3
+    assert c["per_seed"][0]["arm_value"] == pytest.approx(6.375)
+    out = capsys.readouterr().out
+    assert "difference (HD95 mm)" in out and "| 0 | 6.38 | 7.00 | -0.62 |" in out and "3 of 4" in out
+    f.write_text(json.dumps([{k: v for k, v in rec(a, [1.0] * 4).items() if k != "per_case_hd95"} for a in "ab"]))
+    with pytest.raises(SystemExit, match="per-case HD95"):
+        mod.main([str(f), "--arm", "b", "--against", "a", "--labelled", "10", "--metric", "hd95"])
 
 
 def test_reference_topology_counts_3d_tunnels_and_rings_per_slice(tmp_path):
