@@ -396,7 +396,7 @@ def write_splits(pre_dir: str, seeds: int, source: Optional[str] = None, group_r
     return info
 
 
-def per_case_dice(summary: dict, metric: str = "Dice") -> Dict[str, float]:
+def per_case_mean(summary: dict, metric: str = "Dice") -> Dict[str, float]:
     """Each validation case's ``metric`` (Dice; HD95 from ``evaluate_folders``' summary) averaged over the
     foreground classes, from nnU-Net's summary.json layout (keyed by the case's file name; a class whose value is
     NaN, Dice where the class is in neither reference nor prediction, is left out, as nnU-Net's own mean does)."""
@@ -430,7 +430,7 @@ def backfill_per_case(results: List[dict], res_root: str, names: Dict, plans: st
                                "validation", "summary.json")
         if os.path.isfile(summary):
             with open(summary) as f:
-                r["per_case"] = per_case_dice(json.load(f))
+                r["per_case"] = per_case_mean(json.load(f))
             n += 1
     return n
 
@@ -464,7 +464,7 @@ def topo_metric_fields(summary: dict) -> dict:
                 betti_error={k: betti(v) for k, v in per_class.items()},
                 betti_errors={k: {b: float(v[f"betti_{b}_error"]) for b in ("b0", "b1", "b2")} for k, v in per_class.items()})
     if "metric_per_case" in summary:  # for compare_arms.py --metric hd95 (paired by case, as Dice)
-        fields["per_case_hd95"] = per_case_dice(summary, "HD95")
+        fields["per_case_hd95"] = per_case_mean(summary, "HD95")
     if has_slice_betti(summary):
         fields.update(mean_betti_slice_error=slice_betti(fm), betti_slice_error={k: slice_betti(v) for k, v in per_class.items()})
     return fields
@@ -666,7 +666,7 @@ def main() -> int:
         dice = {k: v["Dice"] for k, v in m["mean"].items()}
         n_lab = len(split_info["subsets"][str(labelled)])
         results.append(dict(arm=arm, subset=str(labelled), labelled_cases=n_lab, labels_fraction=round(n_lab / split_info["n_train"], 4),
-                            seed=seed, dice=dice, mean_dice=float(m["foreground_mean"]["Dice"]), per_case=per_case_dice(m),
+                            seed=seed, dice=dice, mean_dice=float(m["foreground_mean"]["Dice"]), per_case=per_case_mean(m),
                             steps=tier["finetune_steps"], pretrain_steps=pretrain_steps(arm, tier),
                             train_seconds=round(t_train, 1),
                             pretrain_seconds=round(t_pre, 1), fold=fold, tier=args.tier, device=args.device))

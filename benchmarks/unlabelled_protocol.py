@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         rec = dict(arm=arm, unlabelled=n, seed=seed, fold=seed, pretrain_fold=pre_fold, dataset=name,
                    labelled_cases=len(labelled),
                    mean_dice=float(m["foreground_mean"]["Dice"]), dice={k: v["Dice"] for k, v in m["mean"].items()},
-                   per_case=bench.per_case_dice(m), steps=tier["finetune_steps"],
+                   per_case=bench.per_case_mean(m), steps=tier["finetune_steps"],
                    pretrain_steps=bench.pretrain_steps(arm, tier), train_seconds=round(time.time() - t0, 1),
                    pretrain_seconds=round(t_pre, 1), device=args.device)
         topo = bench.evaluate_topo(os.path.dirname(summary), os.path.join(env["nnUNet_preprocessed"], name), PLANS)

@@ -136,7 +136,7 @@ def test_paired_difference_pairs_cases_and_reports_interval(runner, tmp_path):
     case = lambda name, d1, d2: {"reference_file": f"/x/{name}.nii.gz",
                                  "metrics": {"1": {"Dice": d1}, "2": {"Dice": d2}}}
     summary = {"metric_per_case": [case("a", 0.8, 0.6), case("b", 0.9, float("nan")), case("c", 0.5, 0.7)]}
-    assert runner.per_case_dice(summary) == pytest.approx({"a.nii.gz": 0.7, "b.nii.gz": 0.9, "c.nii.gz": 0.6})
+    assert runner.per_case_mean(summary) == pytest.approx({"a.nii.gz": 0.7, "b.nii.gz": 0.9, "c.nii.gz": 0.6})
     scratch = {"a": 0.70, "b": 0.80, "c": 0.60, "d": 0.50}
     better = {"a": 0.72, "b": 0.83, "c": 0.61}  # "d" missing: only shared cases are paired
     p = runner.paired_difference(scratch, better)
