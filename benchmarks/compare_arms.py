@@ -33,9 +33,9 @@ from run import paired_difference  # noqa: E402
 
 
 # metric: (record field with the per-case values, record field with the run's mean, unit shown, scale to it,
-# +1 where higher is better, -1 where lower is)
-METRICS = {"dice": ("per_case", "mean_dice", "Dice points", 100.0, 1.0),
-           "hd95": ("per_case_hd95", "mean_hd95", "HD95 mm", 1.0, -1.0)}
+# whether higher is better)
+METRICS = {"dice": ("per_case", "mean_dice", "Dice points", 100.0, True),
+           "hd95": ("per_case_hd95", "mean_hd95", "HD95 mm", 1.0, False)}
 
 
 def runs_by_seed(records: List[dict], arm: str, labelled: int, field: str = "per_case") -> Dict[int, dict]:
@@ -59,7 +59,7 @@ def pooled_difference(pairs: List[tuple], n_boot: int = 5000) -> dict:
 
 
 def compare(records: List[dict], arm: str, against: str, labelled: int, metric: str = "dice") -> dict:
-    field, mean_field, _, _, sign = METRICS[metric]
+    field, mean_field, _, _, higher_is_better = METRICS[metric]
     a_runs, b_runs = runs_by_seed(records, against, labelled, field), runs_by_seed(records, arm, labelled, field)
     seeds = sorted(set(a_runs) & set(b_runs))
     if not seeds:
@@ -68,10 +68,7 @@ def compare(records: List[dict], arm: str, against: str, labelled: int, metric: 
                          f"{labelled} labelled cases in the files given; run both arms, or check --labelled")
     per_seed = []
     for s in seeds:
-        p = paired_difference(a_runs[s][field], b_runs[s][field])
-        if sign < 0:  # lower is better: count the cases where the arm's value is lower
-            p["better"] = sum(1 for k, v in b_runs[s][field].items()
-                              if k in a_runs[s][field] and v < a_runs[s][field][k])
+        p = paired_difference(a_runs[s][field], b_runs[s][field], higher_is_better=higher_is_better)
         per_seed.append(dict(seed=s, arm_value=b_runs[s][mean_field], against_value=a_runs[s][mean_field], **p))
     pooled = pooled_difference([(a_runs[s][field], b_runs[s][field]) for s in seeds])
     return dict(arm=arm, against=against, labelled=labelled, metric=metric, per_seed=per_seed, pooled=pooled,
@@ -80,8 +77,8 @@ def compare(records: List[dict], arm: str, against: str, labelled: int, metric: 
 
 
 def lines(c: dict) -> List[str]:
-    _, _, unit, k, sign = METRICS[c.get("metric", "dice")]
-    better, f = ("cases better", ".4f") if sign > 0 else ("cases lower", ".2f")
+    _, _, unit, k, higher_is_better = METRICS[c.get("metric", "dice")]
+    better, f = ("cases better", ".4f") if higher_is_better else ("cases lower", ".2f")
     out = [f"| seed | {c['arm']} | {c['against']} | difference ({unit}) | 95 % interval over cases | {better} |",
            "| --- | --- | --- | --- | --- | --- |"]
     for p in c["per_seed"]:

@@ -407,8 +407,10 @@ def per_case_mean(summary: dict, metric: str = "Dice") -> Dict[str, float]:
     return out
 
 
-def paired_difference(a: Dict[str, float], b: Dict[str, float], n_boot: int = 5000) -> dict:
-    """Mean of b - a over the cases both were evaluated on, with a 95 % bootstrap interval over cases.
+def paired_difference(a: Dict[str, float], b: Dict[str, float], n_boot: int = 5000,
+                      higher_is_better: bool = True) -> dict:
+    """Mean of b - a over the cases both were evaluated on, with a 95 % bootstrap interval over cases, and the
+    cases where b is better (higher; lower with ``higher_is_better=False``, as for HD95).
 
     One run per arm says nothing about seed-to-seed spread; pairing the two runs case by case at least says
     whether the difference is larger than what resampling the validation cases would give."""
@@ -416,7 +418,8 @@ def paired_difference(a: Dict[str, float], b: Dict[str, float], n_boot: int = 50
     d = np.array([b[k] - a[k] for k in keys])
     boot = d[np.random.default_rng(0).integers(0, len(d), (n_boot, len(d)))].mean(1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return dict(mean=float(d.mean()), lo=float(lo), hi=float(hi), cases=len(d), better=int((d > 0).sum()))
+    return dict(mean=float(d.mean()), lo=float(lo), hi=float(hi), cases=len(d),
+                better=int((d > 0).sum() if higher_is_better else (d < 0).sum()))
 
 
 def backfill_per_case(results: List[dict], res_root: str, names: Dict, plans: str) -> int:
